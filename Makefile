@@ -1,0 +1,27 @@
+# `make run` trains the small configuration; `make test` runs the suite; both create .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test bench lint format
+
+$(VENV)/installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+run: $(VENV)/installed
+	$(PY) dlrm_s_pytorch.py --config hb_configs/small.yaml
+
+test: $(VENV)/installed
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/installed
+	$(PY) bench/bench.py
+
+lint: $(VENV)/installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/installed
+	$(VENV)/bin/ruff format .

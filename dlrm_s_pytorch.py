@@ -1,0 +1,598 @@
+"""DLRM training on random data: the Habana Gaudi port's script, runnable on a CPU.
+
+Read top to bottom: the command line and its checks, the random data and its preprocessing, the model, the
+training loop. ``../shared/SPEC.md`` is the contract this file keeps.
+
+    python dlrm_s_pytorch.py --config hb_configs/small.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+
+from habana_dlrm_ops import OPTIMIZERS, BagBatch, DenseOptimizer, EmbeddingBag, SparseOptimizer, preprocess_bags
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line with exit code 2, before any work is done."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print the whole usage first
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag of the original script and its launcher, with the original names, types and defaults."""
+    p = _Parser(description="Train DLRM (Deep Learning Recommendation Model) on random data.")
+    add = p.add_argument
+    # model
+    add("--arch-sparse-feature-size", type=int, default=2, help="embedding dimension")
+    add("--arch-embedding-size", type=str, default="4-3-2", help="rows of each table, '-'-separated")
+    add("--arch-mlp-bot", type=str, default="4-3-2", help="bottom MLP widths, first = dense features")
+    add("--arch-mlp-top", type=str, default="4-2-1", help="top MLP widths after the interaction")
+    add("--arch-interaction-op", type=str, default="cat", choices=["dot", "cat"])
+    add("--arch-interaction-itself", action="store_true", default=False)
+    add("--md-flag", action="store_true", default=False)
+    add("--md-threshold", type=int, default=200)
+    add("--md-temperature", type=float, default=0.3)
+    add("--md-round-dims", action="store_true", default=False)
+    add("--qr-flag", action="store_true", default=False)
+    add("--qr-threshold", type=int, default=200)
+    add("--qr-operation", type=str, default="mult")
+    add("--qr-collisions", type=int, default=4)
+    add("--activation-function", type=str, default="relu")
+    add("--loss-function", type=str, default="bce", choices=["mse", "bce", "wbce"])
+    add("--loss-weights", type=str, default="1.0-1.0", help="wbce weights of targets 0 and 1")
+    add("--loss-threshold", type=float, default=0.0, help="clamp the output to [t, 1-t] when 0 < t < 1")
+    add("--round-targets", action="store_true", default=False)
+    # data
+    add("--data-size", type=int, default=8)
+    add("--num-batches", type=int, default=0, help="batches per epoch (overrides --data-size when > 0)")
+    add("--data-generation", type=str, default="random", choices=["random", "synthetic", "dataset"])
+    add("--data-trace-file", type=str, default="./input/dist_emb_j.log")
+    add("--data-set", type=str, default="kaggle", choices=["kaggle", "terabyte"])
+    add("--raw-data-file", type=str, default="")
+    add("--processed-data-file", type=str, default="")
+    add("--data-randomize", type=str, default="total", choices=["total", "day", "none"])
+    add("--data-trace-enable-padding", action="store_true", default=False)
+    add("--max-ind-range", type=int, default=-1)
+    add("--data-sub-sample-rate", type=float, default=0.0)
+    add("--num-indices-per-lookup", type=int, default=10, help="largest bag")
+    add("--num-indices-per-lookup-fixed", action="store_true", default=False)
+    add("--num-workers", type=int, default=0, help="data loader processes that prefetch batches")
+    add("--memory-map", action="store_true", default=False)
+    # training
+    add("--mini-batch-size", type=int, default=4)
+    add("--nepochs", type=int, default=1)
+    add("--learning-rate", type=float, default=0.5)
+    add("--print-precision", type=int, default=5)
+    add("--numpy-rand-seed", type=int, default=123)
+    add("--sync-dense-params", type=_parse_bool, default=True)
+    add("--optimizer", type=str, default="sgd", choices=list(OPTIMIZERS))
+    add("--inference-only", action="store_true", default=False)
+    add("--save-onnx", action="store_true", default=False)
+    add("--use-gpu", action="store_true", default=False)
+    add("--print-freq", type=int, default=20)
+    add("--test-freq", type=int, default=-1)
+    add("--test-mini-batch-size", type=int, default=-1)
+    add("--test-num-workers", type=int, default=-1)
+    add("--print-time", action="store_true", default=False)
+    add("--debug-mode", action="store_true", default=False)
+    add("--enable-profiling", action="store_true", default=False)
+    add("--plot-compute-graph", action="store_true", default=False)
+    add("--save-model", type=str, default="")
+    add("--load-model", type=str, default="")
+    add("--mlperf-logging", action="store_true", default=False)
+    add("--mlperf-acc-threshold", type=float, default=0.0)
+    add("--mlperf-auc-threshold", type=float, default=0.0)
+    add("--mlperf-bin-loader", action="store_true", default=False)
+    add("--mlperf-bin-shuffle", action="store_true", default=False)
+    add("--no-habana", action="store_true", default=False, help="do not use a Gaudi card")
+    add("--hmp", dest="data_type", action="store_const", const="bf16", default="fp32", help="same as --data_type bf16")
+    add("--hmp-bf16", type=str, default="", help="the original's list of ops run in bf16")
+    add("--hmp-fp32", type=str, default="", help="the original's list of ops kept in fp32")
+    add("--hmp-opt-level", type=str, default="O1")
+    add("--hmp-verbose", action="store_true", default=False)
+    add("--distributed", action="store_true", default=False)
+    add("--print-dist-loss", action="store_true", default=False)
+    add("--log-device-mem-alloc", action="store_true", default=False, help="print peak memory with each report")
+    add("--run-lazy-mode", dest="mode", action="store_const", const="lazy", default="eager", help="same as --mode lazy")
+    add("--measure-perf", action="store_true", default=False, help="replay one batch --num-batches times")
+    add("--print-all-ranks", action="store_true", default=False)
+    # the original launcher's flags, and ours
+    add("--mode", type=str, default="eager", choices=["eager", "lazy", "custom"], help="custom = eager")
+    add("-d", "--data_type", type=str, default="fp32", choices=["fp32", "bf16"])
+    add("-w", "--world_size", type=int, default=1)
+    add("--device", type=str, default="auto", choices=["auto", "cpu", "cuda", "hpu"])
+    add("--config", type=str, default="", help="a YAML run configuration (hb_configs/); flags override it")
+    return p
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+CONFIG_KEYS = {"model", "env_variables", "parameters"}
+
+
+def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], dict[str, str]]:
+    """Read an ``hb_configs`` YAML file into command-line arguments and environment variables."""
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"--config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--config {path}: expected a mapping with keys {sorted(CONFIG_KEYS)}")
+    for key in config.keys() - CONFIG_KEYS:
+        raise UsageError(f"--config {path}: unknown key {key!r} (known: {', '.join(sorted(CONFIG_KEYS))})")
+    if config.get("model", "dlrm") != "dlrm":
+        raise UsageError(f"--config {path}: model is {config['model']!r}, this script trains 'dlrm'")
+
+    options = {s: a for a in parser._actions for s in a.option_strings}
+    argv = []
+    parameters = dict(config.get("parameters") or {})
+    for name in parameters.pop("store_true", None) or []:
+        action = options.get(f"--{name}")
+        if action is None or action.nargs != 0:
+            raise UsageError(f"--config {path}: {name!r} in store_true is not an on/off flag")
+        argv.append(f"--{name}")
+    for name, value in parameters.items():
+        action = options.get(f"--{name}")
+        if action is None or action.nargs == 0 or name == "config":
+            raise UsageError(f"--config {path}: unknown parameter {name!r}")
+        argv.append(f"--{name}={value}")
+    env = {str(k): str(v) for k, v in (config.get("env_variables") or {}).items()}
+    return argv, env
+
+
+@dataclass
+class Sizes:
+    """The model's dimensions, derived from the flags as the original did."""
+
+    dense_features: int  # m_den = ln_bot[0]
+    embedding_dim: int  # m_spa
+    tables: list[int]  # ln_emb
+    bottom: list[int]  # ln_bot
+    top: list[int]  # ln_top, the interaction width first
+
+
+def _parse_sizes(flag: str, text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split("-")]
+    except ValueError:
+        raise UsageError(f"{flag}: expected '-'-separated positive integers, got {text!r}") from None
+    if not all(s > 0 for s in sizes):
+        raise UsageError(f"{flag}: expected '-'-separated positive integers, got {text!r}")
+    return sizes
+
+
+def model_sizes(args: argparse.Namespace) -> Sizes:
+    tables = _parse_sizes("--arch-embedding-size", args.arch_embedding_size)
+    bottom = _parse_sizes("--arch-mlp-bot", args.arch_mlp_bot)
+    top = _parse_sizes("--arch-mlp-top", args.arch_mlp_top)
+    dim = args.arch_sparse_feature_size
+    if len(bottom) < 2:
+        raise UsageError(f"--arch-mlp-bot: needs at least an input and an output width, got {args.arch_mlp_bot!r}")
+    if bottom[-1] != dim:
+        raise UsageError(f"--arch-mlp-bot: its output width {bottom[-1]} must equal --arch-sparse-feature-size {dim}")
+    if top[-1] != 1:
+        raise UsageError(f"--arch-mlp-top: the last width must be 1 (one score per sample), got {top[-1]}")
+    features = len(tables) + 1
+    if args.arch_interaction_op == "dot":
+        pairs = features * (features + 1) // 2 if args.arch_interaction_itself else features * (features - 1) // 2
+        interaction = pairs + dim
+    else:
+        interaction = features * dim
+    return Sizes(bottom[0], dim, tables, bottom, [interaction, *top])
+
+
+LATER_DEVICES = "is not available yet: this release trains eagerly on the CPU"
+LATER_DISTRIBUTED = "is not available yet: this release trains in one process"
+LATER_DATA = "is not available yet: this release trains on random data, without testing or checkpoints"
+NO_QR_MD = "is not supported: the custom embedding op has no quotient-remainder or mixed-dimension variant"
+
+# (flag, whether the parsed value asks for it, why it cannot run)
+UNAVAILABLE = [
+    ("--mode lazy", lambda a: a.mode == "lazy", LATER_DEVICES),
+    ("--device", lambda a: a.device in ("cuda", "hpu"), LATER_DEVICES),
+    ("--use-gpu", lambda a: a.use_gpu, LATER_DEVICES),
+    ("--distributed", lambda a: a.distributed, LATER_DISTRIBUTED),
+    ("--world_size", lambda a: a.world_size > 1, LATER_DISTRIBUTED),
+    ("--print-dist-loss", lambda a: a.print_dist_loss, LATER_DISTRIBUTED),
+    ("--data-generation", lambda a: a.data_generation != "random", LATER_DATA),
+    *[(flag, None, LATER_DATA) for flag in (
+        "--data-trace-file", "--data-set", "--raw-data-file", "--processed-data-file", "--data-randomize",
+        "--data-trace-enable-padding", "--max-ind-range", "--data-sub-sample-rate", "--memory-map",
+        "--mlperf-bin-loader", "--mlperf-bin-shuffle", "--test-freq", "--test-mini-batch-size",
+        "--test-num-workers", "--mlperf-logging", "--mlperf-acc-threshold", "--mlperf-auc-threshold",
+        "--save-model", "--load-model", "--save-onnx", "--plot-compute-graph")],
+    *[(flag, None, NO_QR_MD) for flag in (
+        "--md-flag", "--md-threshold", "--md-temperature", "--md-round-dims",
+        "--qr-flag", "--qr-threshold", "--qr-operation", "--qr-collisions")],
+    ("--activation-function", lambda a: a.activation_function != "relu", "is not supported: the model uses relu"),
+    ("--sync-dense-params false", lambda a: not a.sync_dense_params, "is not supported: dense weights stay in sync"),
+    ("--hmp-opt-level", lambda a: a.hmp_opt_level != "O1", "is not supported: only O1 (the original's op lists)"),
+]  # fmt: skip
+
+# The original's op lists for bf16: matrix products in bf16, losses and embeddings in fp32.
+BF16_OPS = {"addmm", "bmm", "dot", "mm", "mv", "linear"}
+FP32_OPS = {"binary_cross_entropy", "mse_loss", "embedding_bag_sum_fwd", "embedding_bag_sum_bwd"}
+
+
+def _check_op_list(flag: str, path: str, expected: set[str]) -> None:
+    try:
+        ops = {line.strip() for line in Path(path).read_text().splitlines() if line.strip()}
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: {e.strerror}") from None
+    if ops != expected:
+        raise UsageError(f"{flag} {path}: only the original list is supported ({', '.join(sorted(expected))})")
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Sizes:
+    """Reject every value that cannot run, naming the flag; return the model's sizes."""
+    for flag, asks_for_it, reason in UNAVAILABLE:
+        dest = flag.split()[0].lstrip("-").replace("-", "_")
+        used = asks_for_it(args) if asks_for_it else getattr(args, dest) != parser.get_default(dest)
+        if used:
+            raise UsageError(f"{flag} {reason}")
+    positive = ("mini_batch_size", "num_indices_per_lookup", "data_size", "print_freq")
+    not_negative = ("num_batches", "nepochs", "num_workers", "print_precision", "learning_rate")
+    for dest in positive + not_negative:
+        value = getattr(args, dest)
+        if value < 0 or (value == 0 and dest in positive):
+            bound = "positive" if dest in positive else "zero or more"
+            raise UsageError(f"--{dest.replace('_', '-')}: must be {bound}, got {value}")
+    if args.world_size < 1 or args.mini_batch_size % args.world_size:
+        raise UsageError(f"--mini-batch-size {args.mini_batch_size} is not divisible by --world_size {args.world_size}")
+    if not 0.0 <= args.loss_threshold < 1.0:
+        raise UsageError(f"--loss-threshold: must be in [0, 1), got {args.loss_threshold}")
+    weights = args.loss_weights.split("-")
+    try:
+        args.loss_weights_pair = [float(w) for w in weights]
+    except ValueError:
+        args.loss_weights_pair = []
+    if len(args.loss_weights_pair) != 2:
+        raise UsageError(f"--loss-weights: expected two numbers like '1.0-1.0', got {args.loss_weights!r}")
+    if args.measure_perf and args.num_batches <= 0:
+        raise UsageError("--measure-perf: needs --num-batches > 0 (the number of times to replay the batch)")
+    if args.data_type != "bf16":
+        for flag in ("hmp_bf16", "hmp_fp32", "hmp_verbose"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag.replace('_', '-')}: applies only with --data_type bf16 (or --hmp)")
+    if args.hmp_bf16:
+        _check_op_list("--hmp-bf16", args.hmp_bf16, BF16_OPS)
+    if args.hmp_fp32:
+        _check_op_list("--hmp-fp32", args.hmp_fp32, FP32_OPS)
+    return model_sizes(args)
+
+
+def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, Sizes, dict[str, str]]:
+    """Parse flags (a ``--config`` file first, the command line over it); return args, sizes and env."""
+    parser = build_parser()
+    config_argv, env = [], {}
+    config_path = parser.parse_known_args(argv)[0].config
+    if config_path:
+        config_argv, env = load_config(config_path, parser)
+    args = parser.parse_args(config_argv + argv)
+    return args, check_args(args, parser), env
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: random batches, generated and preprocessed in the loader (so worker processes can prefetch them)
+# ---------------------------------------------------------------------------------------------------------
+
+FIRST_BATCH_SEED = 987  # the original reseeded numpy with 987 + j before generating batch j
+
+
+@dataclass
+class Batch:
+    dense: Tensor  # [n, dense features]
+    bags: list[BagBatch]  # one per table
+    targets: Tensor  # [n, 1]
+
+
+class RandomDataset(torch.utils.data.Dataset):
+    """Item ``index`` is a whole batch of raw samples: dense features, each table's bags, targets."""
+
+    def __init__(self, args: argparse.Namespace, sizes: Sizes) -> None:
+        self.args, self.sizes = args, sizes
+        self.batch_size = args.mini_batch_size
+        if args.num_batches > 0:
+            self.num_batches, self.data_size = args.num_batches, args.num_batches * self.batch_size
+        else:
+            self.num_batches, self.data_size = math.ceil(args.data_size / self.batch_size), args.data_size
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getitem__(self, index: int) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
+        """Batch ``index`` of the current epoch: (dense, per-table offsets, per-table indices, targets)."""
+        rng = np.random.RandomState(FIRST_BATCH_SEED + self.epoch * self.num_batches + index)
+        n = min(self.batch_size, self.data_size - index * self.batch_size)
+        dense = torch.from_numpy(rng.rand(n, self.sizes.dense_features).astype(np.float32))
+        offsets, indices = [], []
+        for rows in self.sizes.tables:
+            table_offsets, table_indices = self._bags(rng, n, rows)
+            offsets.append(table_offsets)
+            indices.append(table_indices)
+        targets = rng.rand(n, 1).astype(np.float32)
+        if self.args.round_targets:
+            targets = np.round(targets)
+        return dense, offsets, indices, torch.from_numpy(targets)
+
+    def _bags(self, rng: np.random.RandomState, n: int, rows: int) -> tuple[Tensor, Tensor]:
+        largest = self.args.num_indices_per_lookup
+        bags, lengths = [], np.empty(n, dtype=np.int64)
+        for sample in range(n):
+            if self.args.num_indices_per_lookup_fixed:
+                size = largest
+            else:
+                size = int(np.round(max(1.0, rng.random(1)[0] * min(rows, largest))))
+            bag = np.unique(np.round(rng.random(size) * (rows - 1)).astype(np.int64))
+            bags.append(bag)
+            lengths[sample] = bag.size
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        return torch.from_numpy(offsets), torch.from_numpy(np.concatenate(bags))
+
+
+class Preprocessor:
+    """The loader's collate function: raw batch -> ``Batch`` with each table's fixed-size ``BagBatch``."""
+
+    def __init__(self, batch_size: int, num_indices_per_lookup: int) -> None:
+        self.batch_size, self.capacity = batch_size, num_indices_per_lookup * batch_size
+
+    def __call__(self, raw: tuple[Tensor, list[Tensor], list[Tensor], Tensor]) -> Batch:
+        dense, offsets, indices, targets = raw
+        bags = [preprocess_bags(i, o, self.batch_size, self.capacity) for o, i in zip(offsets, indices, strict=True)]
+        return Batch(dense, bags, targets)
+
+
+def make_loader(args: argparse.Namespace, sizes: Sizes) -> torch.utils.data.DataLoader:
+    dataset = RandomDataset(args, sizes)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=args.num_workers,
+        collate_fn=Preprocessor(args.mini_batch_size, args.num_indices_per_lookup),
+    )
+
+
+def epoch_batches(loader: torch.utils.data.DataLoader, epoch: int, replayed: Batch | None) -> Iterable[Batch]:
+    """The batches of one epoch, or with ``--measure-perf`` one batch ``replayed`` every iteration."""
+    if replayed is not None:
+        return itertools.repeat(replayed, len(loader))
+    loader.dataset.epoch = epoch
+    return loader
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------
+
+TABLE_DRAW_ROWS = 1 << 16  # draw tables in row chunks: same numbers, no float64 copy of a whole table
+
+
+def draw_table(rows: int, dim: int) -> Tensor:
+    """``uniform(-sqrt(1/rows), sqrt(1/rows), (rows, dim))`` from numpy's global generator, as float32."""
+    bound = math.sqrt(1 / rows)
+    weight = torch.empty(rows, dim)
+    out = weight.numpy()
+    for start in range(0, rows, TABLE_DRAW_ROWS):
+        stop = min(rows, start + TABLE_DRAW_ROWS)
+        out[start:stop] = np.random.uniform(low=-bound, high=bound, size=(stop - start, dim))
+    return weight
+
+
+def make_mlp(widths: list[int], sigmoid_last: bool) -> nn.Sequential:
+    """Linear layers drawn from numpy's global generator, each followed by ReLU (Sigmoid last if asked)."""
+    layers = []
+    for i, (n, m) in enumerate(itertools.pairwise(widths)):
+        linear = nn.Linear(n, m, device="meta")
+        weight = np.random.normal(0.0, math.sqrt(2 / (m + n)), size=(m, n)).astype(np.float32)
+        bias = np.random.normal(0.0, math.sqrt(1 / m), size=m).astype(np.float32)
+        linear.weight = nn.Parameter(torch.from_numpy(weight))
+        linear.bias = nn.Parameter(torch.from_numpy(bias))
+        last = i == len(widths) - 2
+        layers += [linear, nn.Sigmoid() if last and sigmoid_last else nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class DLRM(nn.Module):
+    """Bottom MLP on dense features, embedding bags on sparse ones, their interaction, then the top MLP."""
+
+    def __init__(self, sizes: Sizes, interaction: str, interaction_itself: bool, loss_threshold: float) -> None:
+        super().__init__()
+        self.embeddings = nn.ModuleList(EmbeddingBag(draw_table(rows, sizes.embedding_dim)) for rows in sizes.tables)
+        self.bottom_mlp = make_mlp(sizes.bottom, sigmoid_last=False)
+        self.top_mlp = make_mlp(sizes.top, sigmoid_last=True)
+        self.interaction, self.loss_threshold = interaction, loss_threshold
+        features = len(sizes.tables) + 1
+        rows, cols = torch.tril_indices(features, features, offset=0 if interaction_itself else -1)
+        self.register_buffer("pair_index", rows * features + cols, persistent=False)
+
+    def interact(self, x: Tensor, pooled: list[Tensor]) -> Tensor:
+        if self.interaction == "cat":
+            return torch.cat([x, *pooled], dim=1)
+        features = torch.cat([x, *pooled], dim=1).view(x.size(0), -1, x.size(1))
+        products = torch.bmm(features, features.transpose(1, 2)).flatten(1)
+        return torch.cat([x, products.index_select(1, self.pair_index)], dim=1)
+
+    def forward(self, dense: Tensor, bags: list[BagBatch]) -> Tensor:
+        x = self.bottom_mlp(dense)
+        pooled = [table(table_bags) for table, table_bags in zip(self.embeddings, bags, strict=True)]
+        scores = self.top_mlp(self.interact(x, pooled))
+        if 0.0 < self.loss_threshold < 1.0:
+            scores = torch.clamp(scores, min=self.loss_threshold, max=1.0 - self.loss_threshold)
+        return scores
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        return [*self.top_mlp.parameters(), *self.bottom_mlp.parameters()]
+
+
+def make_loss(name: str, weights: list[float]):
+    """The loss on probabilities: mse, bce, or wbce (bce weighted by each sample's target, 0 or 1)."""
+    if name == "mse":
+        return nn.functional.mse_loss
+    if name == "bce":
+        return nn.functional.binary_cross_entropy
+    weight_of_target = torch.tensor(weights)
+
+    def weighted_bce(scores: Tensor, targets: Tensor) -> Tensor:
+        per_sample = nn.functional.binary_cross_entropy(scores, targets, reduction="none")
+        return (per_sample * weight_of_target[targets.long()]).mean()
+
+    return weighted_bce
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Window:
+    """Loss, accuracy and time summed over the iterations since the last printed line."""
+
+    def __init__(self) -> None:
+        self.loss, self.correct, self.samples, self.seconds, self.iterations = 0.0, 0, 0, 0.0, 0
+
+    def add(self, loss: Tensor, scores: Tensor, targets: Tensor, seconds: float) -> None:
+        n = targets.size(0)
+        self.loss += loss.item() * n
+        self.correct += int((torch.round(scores.detach()) == targets).sum())
+        self.samples += n
+        self.seconds += seconds
+        self.iterations += 1
+
+    def line(self, phase: str, it: int, nbatches: int, epoch: int, print_time: bool) -> str:
+        ms = 1000 * self.seconds / self.iterations if print_time else -1
+        loss, accuracy = self.loss / self.samples, self.correct / self.samples
+        return (
+            f"Finished {phase} it {it}/{nbatches} of epoch {epoch}, {ms:.2f} ms/it, "
+            f"loss {loss:.6f}, accuracy {100 * accuracy:3.3f} %"
+        )
+
+
+def peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLoader) -> None:
+    loss_fn = make_loss(args.loss_function, args.loss_weights_pair)
+    training = not args.inference_only
+    if training:
+        for table in model.embeddings:
+            table.set_optimizer(SparseOptimizer(args.optimizer, args.learning_rate))
+        DenseOptimizer(model.dense_parameters(), args.optimizer, args.learning_rate)
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if args.data_type == "bf16" else contextlib.nullcontext()
+    phase = "training" if training else "inference"
+    nbatches = len(loader)
+    replayed = next(iter(loader)) if args.measure_perf else None
+
+    print("time/loss/accuracy (if enabled):")
+    with torch.set_grad_enabled(training):
+        for epoch in range(args.nepochs):
+            window = Window()
+            for j, batch in enumerate(epoch_batches(loader, epoch, replayed)):
+                if batch.dense.size(0) < args.mini_batch_size:
+                    print(f"Breaking out of the epoch as  batch was partial. Number of samples: {batch.dense.size(0)}")
+                    break
+                start = time.perf_counter()
+                with precision:
+                    scores = model(batch.dense, batch.bags).float()
+                loss = loss_fn(scores, batch.targets)
+                if training:
+                    loss.backward()  # the sparse and the dense optimizers both update inside backward
+                window.add(loss, scores, batch.targets, time.perf_counter() - start)
+                if args.debug_mode:
+                    print(f"batch {j}: dense {batch.dense}\ntargets {batch.targets.view(-1)}\nscores {scores.view(-1)}")
+                if (j + 1) % args.print_freq == 0 or j + 1 == nbatches:
+                    print(window.line(phase, j + 1, nbatches, epoch, args.print_time), flush=True)
+                    if args.log_device_mem_alloc:
+                        print(f"Peak resident memory: {peak_memory_mb():.1f} MB")
+                    window = Window()
+
+
+@contextlib.contextmanager
+def profiling(enabled: bool) -> Iterator[None]:
+    """With ``--enable-profiling``: a torch.profiler trace and a table of the slowest ops, in the working dir."""
+    if not enabled:
+        yield
+        return
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        yield
+    prof.export_chrome_trace("dlrm_s_pytorch.json")
+    Path("dlrm_s_pytorch.prof").write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    print("Profile written to dlrm_s_pytorch.json (chrome trace) and dlrm_s_pytorch.prof (top ops)")
+
+
+def apply_environment(env: dict[str, str], argv: list[str]) -> None:
+    """Set the config's ``env_variables``; torch is already loaded, so the script starts again with them."""
+    if all(os.environ.get(k) == v for k, v in env.items()):
+        return
+    os.environ.update(env)
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *argv])
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args, sizes, env = parse_command_line(argv)
+    except UsageError as e:
+        print(f"dlrm_s_pytorch.py: error: {e}", file=sys.stderr)
+        return 2
+    apply_environment(env, argv)
+
+    np.set_printoptions(precision=args.print_precision)
+    torch.set_printoptions(precision=args.print_precision)
+    np.random.seed(args.numpy_rand_seed)
+    torch.manual_seed(args.numpy_rand_seed)
+    print("Using CPU...")
+    if args.data_type == "bf16" and args.hmp_verbose:
+        print(f"bf16 ops: {', '.join(sorted(BF16_OPS))}; fp32 ops: {', '.join(sorted(FP32_OPS))}")
+
+    loader = make_loader(args, sizes)
+    model = DLRM(sizes, args.arch_interaction_op, args.arch_interaction_itself, args.loss_threshold)
+    if args.debug_mode:
+        print(f"model sizes: {sizes}\n{model}")
+    with profiling(args.enable_profiling):
+        train(args, model, loader)
+    if args.debug_mode:
+        for name, param in model.named_parameters():
+            print(f"updated {name}:\n{param.detach()}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        sys.exit(130)
