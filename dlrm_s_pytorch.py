@@ -47,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     add = p.add_argument
     # model
     add("--arch-sparse-feature-size", type=int, default=2, help="embedding dimension")
-    add("--arch-embedding-size", type=str, default="4-3-2", help="rows of each table, '-'-separated")
-    add("--arch-mlp-bot", type=str, default="4-3-2", help="bottom MLP widths, first = dense features")
-    add("--arch-mlp-top", type=str, default="4-2-1", help="top MLP widths after the interaction")
+    add("--arch-embedding-size", type=_sizes, default="4-3-2", help="rows of each table, '-'-separated")
+    add("--arch-mlp-bot", type=_sizes, default="4-3-2", help="bottom MLP widths, first = dense features")
+    add("--arch-mlp-top", type=_sizes, default="4-2-1", help="top MLP widths after the interaction")
     add("--arch-interaction-op", type=str, default="cat", choices=["dot", "cat"])
     add("--arch-interaction-itself", action="store_true", default=False)
     add("--md-flag", action="store_true", default=False)
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--qr-collisions", type=int, default=4)
     add("--activation-function", type=str, default="relu")
     add("--loss-function", type=str, default="bce", choices=["mse", "bce", "wbce"])
-    add("--loss-weights", type=str, default="1.0-1.0", help="wbce weights of targets 0 and 1")
+    add("--loss-weights", type=_loss_weights, default="1.0-1.0", help="wbce weights of targets 0 and 1")
     add("--loss-threshold", type=float, default=0.0, help="clamp the output to [t, 1-t] when 0 < t < 1")
     add("--round-targets", action="store_true", default=False)
     # data
@@ -128,6 +128,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split("-")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected '-'-separated positive integers, got {text!r}")
+    return sizes
+
+
+def _loss_weights(text: str) -> list[float]:
+    try:
+        weights = [float(w) for w in text.split("-")]
+    except ValueError:
+        weights = []
+    if len(weights) != 2:
+        raise argparse.ArgumentTypeError(f"expected two numbers like '1.0-1.0', got {text!r}")
+    return weights
+
+
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes"):
         return True
@@ -182,23 +202,11 @@ class Sizes:
     top: list[int]  # ln_top, the interaction width first
 
 
-def _parse_sizes(flag: str, text: str) -> list[int]:
-    try:
-        sizes = [int(s) for s in text.split("-")]
-    except ValueError:
-        raise UsageError(f"{flag}: expected '-'-separated positive integers, got {text!r}") from None
-    if not all(s > 0 for s in sizes):
-        raise UsageError(f"{flag}: expected '-'-separated positive integers, got {text!r}")
-    return sizes
-
-
 def model_sizes(args: argparse.Namespace) -> Sizes:
-    tables = _parse_sizes("--arch-embedding-size", args.arch_embedding_size)
-    bottom = _parse_sizes("--arch-mlp-bot", args.arch_mlp_bot)
-    top = _parse_sizes("--arch-mlp-top", args.arch_mlp_top)
+    tables, bottom, top = args.arch_embedding_size, args.arch_mlp_bot, args.arch_mlp_top
     dim = args.arch_sparse_feature_size
     if len(bottom) < 2:
-        raise UsageError(f"--arch-mlp-bot: needs at least an input and an output width, got {args.arch_mlp_bot!r}")
+        raise UsageError("--arch-mlp-bot: needs at least an input and an output width")
     if bottom[-1] != dim:
         raise UsageError(f"--arch-mlp-bot: its output width {bottom[-1]} must equal --arch-sparse-feature-size {dim}")
     if top[-1] != 1:
@@ -256,11 +264,6 @@ def _check_op_list(flag: str, path: str, expected: set[str]) -> None:
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Sizes:
     """Reject every value that cannot run, naming the flag; return the model's sizes."""
-    for flag, asks_for_it, reason in UNAVAILABLE:
-        dest = flag.split()[0].lstrip("-").replace("-", "_")
-        used = asks_for_it(args) if asks_for_it else getattr(args, dest) != parser.get_default(dest)
-        if used:
-            raise UsageError(f"{flag} {reason}")
     positive = ("mini_batch_size", "num_indices_per_lookup", "data_size", "print_freq")
     not_negative = ("num_batches", "nepochs", "num_workers", "print_precision", "learning_rate")
     for dest in positive + not_negative:
@@ -272,13 +275,6 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
         raise UsageError(f"--mini-batch-size {args.mini_batch_size} is not divisible by --world_size {args.world_size}")
     if not 0.0 <= args.loss_threshold < 1.0:
         raise UsageError(f"--loss-threshold: must be in [0, 1), got {args.loss_threshold}")
-    weights = args.loss_weights.split("-")
-    try:
-        args.loss_weights_pair = [float(w) for w in weights]
-    except ValueError:
-        args.loss_weights_pair = []
-    if len(args.loss_weights_pair) != 2:
-        raise UsageError(f"--loss-weights: expected two numbers like '1.0-1.0', got {args.loss_weights!r}")
     if args.measure_perf and args.num_batches <= 0:
         raise UsageError("--measure-perf: needs --num-batches > 0 (the number of times to replay the batch)")
     if args.data_type != "bf16":
@@ -289,7 +285,13 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
         _check_op_list("--hmp-bf16", args.hmp_bf16, BF16_OPS)
     if args.hmp_fp32:
         _check_op_list("--hmp-fp32", args.hmp_fp32, FP32_OPS)
-    return model_sizes(args)
+    sizes = model_sizes(args)
+    for flag, asks_for_it, reason in UNAVAILABLE:
+        dest = flag.split()[0].lstrip("-").replace("-", "_")
+        used = asks_for_it(args) if asks_for_it else getattr(args, dest) != parser.get_default(dest)
+        if used:
+            raise UsageError(f"{flag} {reason}")
+    return sizes
 
 
 def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, Sizes, dict[str, str]]:
@@ -505,7 +507,7 @@ def peak_memory_mb() -> float:
 
 
 def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLoader) -> None:
-    loss_fn = make_loss(args.loss_function, args.loss_weights_pair)
+    loss_fn = make_loss(args.loss_function, args.loss_weights)
     training = not args.inference_only
     if training:
         for table in model.embeddings:
@@ -569,6 +571,8 @@ def main(argv: list[str]) -> int:
         print(f"dlrm_s_pytorch.py: error: {e}", file=sys.stderr)
         return 2
     apply_environment(env, argv)
+    if env:
+        print("Environment from --config: " + ", ".join(f"{k}={v}" for k, v in env.items()))
 
     np.set_printoptions(precision=args.print_precision)
     torch.set_printoptions(precision=args.print_precision)

@@ -1,0 +1,38 @@
+"""Shared helpers: run the training script as a user would, and read the lines it prints."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+FINISHED = re.compile(
+    r"^Finished (training|inference) it (\d+)/(\d+) of epoch (\d+), (-?[\d.]+) ms/it, "
+    r"loss ([\d.]+), accuracy ([\d.]+) %$"
+)
+
+
+def run_script(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def finished_lines(stdout: str) -> list[dict]:
+    """Every `Finished ... it` line, parsed."""
+    rows = []
+    for line in stdout.splitlines():
+        match = FINISHED.match(line)
+        if match:
+            phase, it, nbatches, epoch, ms, loss, accuracy = match.groups()
+            rows.append(
+                dict(phase=phase, it=int(it), nbatches=int(nbatches), epoch=int(epoch), ms=float(ms),
+                     loss=float(loss), accuracy=float(accuracy))
+            )  # fmt: skip
+    return rows

@@ -1,0 +1,67 @@
+"""The command line beside a plain-PyTorch DLRM written from SPEC §3: the same losses, iteration by iteration."""
+
+import pytest
+from conftest import finished_lines, run_script
+from reference_dlrm import reference_losses
+
+BASE = dict(
+    seed=123, tables=[40, 7, 300], dim=4, bottom=[5, 8, 4], top=[6, 1], op="dot", itself=False, threshold=0.0,
+    optimizer="sgd", lr=0.1, batch=16, data_size=96, epochs=1, nipl=5, fixed=False, round_targets=False,
+    loss="bce", loss_weights=[1.0, 1.0], train=True,
+)  # fmt: skip
+
+CASES = {
+    "dot-sgd-random-bags": {},
+    "cat-adagrad-fixed-bags": dict(op="cat", optimizer="adagrad", fixed=True, lr=0.05),
+    "dot-itself-adagrad": dict(itself=True, optimizer="adagrad", lr=0.02, tables=[1000, 2, 50, 9]),
+    "cat-sgd-mse-rounded": dict(op="cat", loss="mse", round_targets=True, seed=7, top=[9, 3, 1]),
+    "wbce-clamped-two-epochs-partial": dict(
+        loss="wbce", loss_weights=[0.7, 1.3], threshold=0.05, epochs=2, data_size=90, round_targets=True
+    ),
+    "inference-only": dict(train=False, op="cat"),
+}
+
+
+def command_line(cfg: dict) -> list[str]:
+    def dashed(values):
+        return "-".join(str(v) for v in values)
+
+    args = [
+        f"--numpy-rand-seed={cfg['seed']}", f"--arch-embedding-size={dashed(cfg['tables'])}",
+        f"--arch-sparse-feature-size={cfg['dim']}", f"--arch-mlp-bot={dashed(cfg['bottom'])}",
+        f"--arch-mlp-top={dashed(cfg['top'])}", f"--arch-interaction-op={cfg['op']}",
+        f"--loss-threshold={cfg['threshold']}", f"--optimizer={cfg['optimizer']}",
+        f"--learning-rate={cfg['lr']}", f"--mini-batch-size={cfg['batch']}", f"--data-size={cfg['data_size']}",
+        f"--nepochs={cfg['epochs']}", f"--num-indices-per-lookup={cfg['nipl']}",
+        f"--loss-function={cfg['loss']}", f"--loss-weights={dashed(cfg['loss_weights'])}", "--print-freq=1",
+    ]  # fmt: skip
+    flags = dict(itself="--arch-interaction-itself", fixed="--num-indices-per-lookup-fixed")
+    flags.update(round_targets="--round-targets")
+    args += [flag for key, flag in flags.items() if cfg[key]]
+    if not cfg["train"]:
+        args.append("--inference-only")
+    return args
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_losses_match_the_reference(name: str) -> None:
+    cfg = {**BASE, **CASES[name]}
+    result = run_script(*command_line(cfg))
+    assert result.returncode == 0, result.stderr
+    printed = finished_lines(result.stdout)
+    expected = reference_losses(cfg)
+    assert len(printed) == len(expected) > 0
+    for line, (loss, correct) in zip(printed, expected, strict=True):
+        assert line["phase"] == ("training" if cfg["train"] else "inference")
+        assert line["loss"] == pytest.approx(loss, abs=1e-5)
+        assert line["accuracy"] == pytest.approx(100 * correct / cfg["batch"], abs=1e-3)
+    if cfg["data_size"] % cfg["batch"]:
+        assert "Breaking out of the epoch as  batch was partial. Number of samples: 10" in result.stdout
+
+
+def test_workers_give_the_same_batches_as_the_main_process() -> None:
+    cfg = {**BASE, "epochs": 2}
+    alone = run_script(*command_line(cfg))
+    with_workers = run_script(*command_line(cfg), "--num-workers=2")
+    assert alone.returncode == with_workers.returncode == 0, with_workers.stderr
+    assert [r["loss"] for r in finished_lines(alone.stdout)] == [r["loss"] for r in finished_lines(with_workers.stdout)]
