@@ -1,0 +1,179 @@
+"""The command line as users meet it: configs, flags, bad input, and the lines the loop prints."""
+
+import json
+import re
+
+import pytest
+from conftest import ROOT, finished_lines, run_script
+
+import dlrm_s_pytorch
+
+SMALL = ["--config", str(ROOT / "hb_configs" / "small.yaml")]
+TINY = ["--arch-embedding-size=20-30", "--arch-mlp-bot=3-4-2", "--arch-mlp-top=4-1", "--mini-batch-size=8"]
+
+# Every flag of the original script (habana_port_notes §1) and of its launcher (SPEC §2).
+ORIGINAL_FLAGS = """
+--arch-sparse-feature-size --arch-embedding-size --arch-mlp-bot --arch-mlp-top --arch-interaction-op
+--arch-interaction-itself --md-flag --md-threshold --md-temperature --md-round-dims --qr-flag --qr-threshold
+--qr-operation --qr-collisions --activation-function --loss-function --loss-weights --loss-threshold
+--round-targets --data-size --num-batches --data-generation --data-trace-file --data-set --raw-data-file
+--processed-data-file --data-randomize --data-trace-enable-padding --max-ind-range --data-sub-sample-rate
+--num-indices-per-lookup --num-indices-per-lookup-fixed --num-workers --memory-map --mini-batch-size --nepochs
+--learning-rate --print-precision --numpy-rand-seed --sync-dense-params --optimizer --inference-only
+--save-onnx --use-gpu --print-freq --test-freq --test-mini-batch-size --test-num-workers --print-time
+--debug-mode --enable-profiling --plot-compute-graph --save-model --load-model --mlperf-logging
+--mlperf-acc-threshold --mlperf-auc-threshold --mlperf-bin-loader --mlperf-bin-shuffle --no-habana --hmp
+--hmp-bf16 --hmp-fp32 --hmp-opt-level --hmp-verbose --distributed --print-dist-loss --log-device-mem-alloc
+--run-lazy-mode --measure-perf --print-all-ranks --mode -d --data_type -w --world_size --device --config
+""".split()
+
+
+def test_every_original_flag_is_known() -> None:
+    parser = dlrm_s_pytorch.build_parser()
+    known = {s for action in parser._actions for s in action.option_strings}
+    assert set(ORIGINAL_FLAGS) - known == set()
+
+
+def test_defaults_are_the_originals() -> None:
+    args = dlrm_s_pytorch.build_parser().parse_args([])
+    assert (args.arch_sparse_feature_size, args.arch_embedding_size, args.arch_mlp_top) == (2, [4, 3, 2], [4, 2, 1])
+    assert (args.mini_batch_size, args.learning_rate, args.optimizer, args.print_freq) == (4, 0.5, "sgd", 20)
+    assert (args.num_indices_per_lookup, args.numpy_rand_seed, args.data_type, args.mode) == (10, 123, "fp32", "eager")
+
+
+def write(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+BAD_INPUTS = {
+    "unknown choice": (["--arch-interaction-op=sum"], "argument --arch-interaction-op: invalid choice"),
+    "non-numeric size": (["--mini-batch-size=abc"], "argument --mini-batch-size: invalid int value"),
+    "bad size list": (["--arch-embedding-size=10-x-3"], "argument --arch-embedding-size: expected '-'-separated"),
+    "bottom output != feature size": (["--arch-mlp-bot=4-3-3"], "--arch-mlp-bot: its output width 3 must equal"),
+    "batch not divisible by world size": (["--mini-batch-size=5", "-w", "2"], "is not divisible by --world_size 2"),
+    "zero bag size": (["--num-indices-per-lookup=0"], "--num-indices-per-lookup: must be positive"),
+    "threshold out of range": (["--loss-threshold=1.5"], "--loss-threshold: must be in [0, 1)"),
+    "one loss weight": (["--loss-weights=1.0"], "argument --loss-weights: expected two numbers"),
+    "measure-perf without batches": (["--measure-perf"], "--measure-perf: needs --num-batches > 0"),
+    "unknown flag": (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    "lazy mode not yet": (["--mode=lazy"], "--mode lazy is not available yet"),
+    "lazy alias not yet": (["--run-lazy-mode"], "--mode lazy is not available yet"),
+    "cuda not yet": (["--device=cuda"], "--device is not available yet"),
+    "dataset not yet": (["--data-generation=dataset"], "--data-generation is not available yet"),
+    "save-model not yet": (["--save-model=m.pt"], "--save-model is not available yet"),
+    "distributed not yet": (["--distributed"], "--distributed is not available yet"),
+    "qr not supported": (["--qr-flag"], "--qr-flag is not supported"),
+    "op list without bf16": (["--hmp-bf16=ops.txt"], "--hmp-bf16: applies only with --data_type bf16"),
+    "missing config": (["--config=/nonexistent.yaml"], "--config /nonexistent.yaml: No such file or directory"),
+    "top MLP not ending in 1": (["--arch-mlp-top=4-2"], "--arch-mlp-top: the last width must be 1"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_2(name: str, capsys) -> None:
+    argv, message = BAD_INPUTS[name]
+    assert dlrm_s_pytorch.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("dlrm_s_pytorch.py: error: "), err
+    assert message in err
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("model: dlrm\nparameters: {mini-batch-size: 8}\nextra: 1\n", "unknown key 'extra'"),
+        ("model: dlrm\nparameters: {mini-batch-sise: 8}\n", "unknown parameter 'mini-batch-sise'"),
+        ("model: dlrm\nparameters: {store_true: [mini-batch-size]}\n", "'mini-batch-size' in store_true"),
+        ("model: resnet\n", "this script trains 'dlrm'"),
+        ("model: [dlrm\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_what_is_wrong(tmp_path, capsys, config: str, message: str) -> None:
+    assert dlrm_s_pytorch.main(["--config", write(tmp_path, "bad.yaml", config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_bad_input_from_a_real_process_has_no_traceback() -> None:
+    result = run_script("--arch-interaction-op=sum")
+    assert result.returncode == 2
+    assert result.stdout == "" and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_small_config_runs_and_flags_override_it() -> None:
+    result = run_script(*SMALL, "--num-batches=7", "--print-freq=3")
+    assert result.returncode == 0, result.stderr
+    lines = finished_lines(result.stdout)
+    assert [line["it"] for line in lines] == [3, 6, 7]
+    assert all(line["nbatches"] == 7 and line["ms"] > 0 for line in lines)
+    assert all(30 < line["accuracy"] < 70 for line in lines)  # rounded targets, an untrained model
+
+
+def test_config_environment_is_applied_once(tmp_path) -> None:
+    config = write(tmp_path, "env.yaml", "model: dlrm\nenv_variables: {DLRM_TEST_MARKER: hello}\nparameters: {}\n")
+    result = run_script("--config", config, *TINY)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Environment from --config: DLRM_TEST_MARKER=hello") == 1
+
+
+@pytest.mark.parametrize(
+    "config", ["single_node_dlrm_eager_medium_fp32.yaml", "single_node_dlrm_eager_medium_bf16.yaml"]
+)
+def test_medium_configuration_trains_two_iterations(config: str) -> None:
+    result = run_script("--config", str(ROOT / "hb_configs" / config), "--num-batches=2")
+    assert result.returncode == 0, result.stderr
+    [line] = finished_lines(result.stdout)
+    assert (line["it"], line["nbatches"], line["ms"] > 0) == (2, 2, True)
+    assert 0.5 < line["loss"] < 1.0
+
+
+def test_without_print_time_ms_is_minus_one_and_workers_prefetch() -> None:
+    result = run_script(*TINY, "--num-batches=4", "--print-freq=2", "--num-workers=2")
+    assert result.returncode == 0, result.stderr
+    assert [line["ms"] for line in finished_lines(result.stdout)] == [-1.0, -1.0]
+
+
+def test_measure_perf_replays_one_batch() -> None:
+    result = run_script(*TINY, "--num-batches=3", "--print-freq=1", "--measure-perf", "--inference-only")
+    assert result.returncode == 0, result.stderr
+    losses = [line["loss"] for line in finished_lines(result.stdout)]
+    assert len(losses) == 3 and len(set(losses)) == 1  # the same batch, and no training between
+
+
+def test_bf16_with_the_original_op_lists(tmp_path) -> None:
+    bf16 = write(tmp_path, "ops_bf16_dlrm.txt", "addmm\nbmm\ndot\nmm\nmv\nlinear\n")
+    fp32 = write(
+        tmp_path, "ops_fp32_dlrm.txt", "binary_cross_entropy\nmse_loss\nembedding_bag_sum_fwd\nembedding_bag_sum_bwd\n"
+    )
+    result = run_script(*TINY, "--hmp", "--hmp-bf16", bf16, "--hmp-fp32", fp32, "--hmp-verbose", "--num-batches=2")
+    assert result.returncode == 0, result.stderr
+    assert "bf16 ops: addmm, bmm, dot, linear, mm, mv" in result.stdout
+    assert len(finished_lines(result.stdout)) == 1
+
+
+def test_bf16_stays_close_to_fp32() -> None:
+    fp32 = finished_lines(run_script(*SMALL, "--num-batches=20").stdout)
+    bf16 = finished_lines(run_script(*SMALL, "--num-batches=20", "-d", "bf16").stdout)
+    assert len(fp32) == len(bf16) == 1
+    assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], abs=0.02)
+    assert bf16[0]["loss"] != fp32[0]["loss"]  # the matrix products really ran in bf16
+
+
+def test_profiling_writes_a_trace(tmp_path) -> None:
+    result = run_script(*TINY, "--num-batches=2", "--enable-profiling", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    trace = json.loads((tmp_path / "dlrm_s_pytorch.json").read_text())
+    assert any("embedding_bag" in event.get("name", "") for event in trace["traceEvents"])
+    assert "Self CPU" in (tmp_path / "dlrm_s_pytorch.prof").read_text()
+
+
+def test_debug_mode_and_memory_log_print_what_they_promise() -> None:
+    result = run_script(*TINY, "--num-batches=1", "--debug-mode", "--log-device-mem-alloc", "--print-precision=2")
+    assert result.returncode == 0, result.stderr
+    assert "EmbeddingBag(20, 2, mode=sum)" in result.stdout
+    assert re.search(r"^Peak resident memory: \d+\.\d MB$", result.stdout, re.M)
+    assert re.search(r"^updated top_mlp\.0\.weight:", result.stdout, re.M)
+    assert re.search(r"dense tensor\(\[\[0\.\d\d, ", result.stdout)  # two decimals, as asked
