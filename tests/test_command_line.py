@@ -177,3 +177,19 @@ def test_debug_mode_and_memory_log_print_what_they_promise() -> None:
     assert re.search(r"^Peak resident memory: \d+\.\d MB$", result.stdout, re.M)
     assert re.search(r"^updated top_mlp\.0\.weight:", result.stdout, re.M)
     assert re.search(r"dense tensor\(\[\[0\.\d\d, ", result.stdout)  # two decimals, as asked
+
+
+def readme_command_lines() -> list[list[str]]:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    return [line.split()[2:] for line in lines if line.startswith("python dlrm_s_pytorch.py ")]
+
+
+def test_readme_command_lines_parse_as_documented(capsys) -> None:
+    """The original README's two commands: the eager one is accepted; the lazy one says it is not available yet."""
+    commands = [argv for argv in readme_command_lines() if "--world_size" in argv]
+    assert len(commands) == 2
+    lazy, eager = commands
+    assert dlrm_s_pytorch.main(lazy) == 2
+    assert "--mode lazy is not available yet" in capsys.readouterr().err
+    args, sizes, _ = dlrm_s_pytorch.parse_command_line(eager)
+    assert (sizes.tables, sizes.top[0], args.optimizer, args.data_type) == ([3000000], 128, "adagrad", "fp32")
