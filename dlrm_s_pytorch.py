@@ -169,15 +169,22 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], 
         raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(config, dict):
         raise UsageError(f"--config {path}: expected a mapping with keys {sorted(CONFIG_KEYS)}")
-    for key in config.keys() - CONFIG_KEYS:
-        raise UsageError(f"--config {path}: unknown key {key!r} (known: {', '.join(sorted(CONFIG_KEYS))})")
+    unknown = sorted(config.keys() - CONFIG_KEYS)
+    if unknown:
+        raise UsageError(f"--config {path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(CONFIG_KEYS))})")
     if config.get("model", "dlrm") != "dlrm":
         raise UsageError(f"--config {path}: model is {config['model']!r}, this script trains 'dlrm'")
+    parameters, env = config.get("parameters") or {}, config.get("env_variables") or {}
+    if not isinstance(parameters, dict) or not isinstance(env, dict):
+        raise UsageError(f"--config {path}: 'parameters' and 'env_variables' must be mappings")
+    parameters = dict(parameters)
+    switches = parameters.pop("store_true", None) or []
+    if not isinstance(switches, list):
+        raise UsageError(f"--config {path}: 'store_true' must be a list of flag names")
 
     options = {s: a for a in parser._actions for s in a.option_strings}
     argv = []
-    parameters = dict(config.get("parameters") or {})
-    for name in parameters.pop("store_true", None) or []:
+    for name in switches:
         action = options.get(f"--{name}")
         if action is None or action.nargs != 0:
             raise UsageError(f"--config {path}: {name!r} in store_true is not an on/off flag")
@@ -187,8 +194,7 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], 
         if action is None or action.nargs == 0 or name == "config":
             raise UsageError(f"--config {path}: unknown parameter {name!r}")
         argv.append(f"--{name}={value}")
-    env = {str(k): str(v) for k, v in (config.get("env_variables") or {}).items()}
-    return argv, env
+    return argv, {str(k): str(v) for k, v in env.items()}
 
 
 @dataclass
@@ -262,6 +268,19 @@ def _check_op_list(flag: str, path: str, expected: set[str]) -> None:
         raise UsageError(f"{flag} {path}: only the original list is supported ({', '.join(sorted(expected))})")
 
 
+def _check_memory(args: argparse.Namespace, sizes: Sizes) -> None:
+    """Stop early, naming the sizes, when the weights and optimizer state cannot fit in this machine's memory."""
+    weights = sum(sizes.tables) * sizes.embedding_dim
+    weights += sum((n + 1) * m for layers in (sizes.bottom, sizes.top) for n, m in itertools.pairwise(layers))
+    copies = 2 if args.optimizer == "adagrad" and not args.inference_only else 1
+    needed, available = 4 * weights * copies, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if needed > available:
+        raise UsageError(
+            f"--arch-embedding-size / --arch-mlp-*: the weights{' and Adagrad state' if copies == 2 else ''} "
+            f"need {needed / 1e9:.1f} GB, more than this machine's {available / 1e9:.1f} GB of memory"
+        )
+
+
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Sizes:
     """Reject every value that cannot run, naming the flag; return the model's sizes."""
     positive = ("mini_batch_size", "num_indices_per_lookup", "data_size", "print_freq")
@@ -286,6 +305,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
     if args.hmp_fp32:
         _check_op_list("--hmp-fp32", args.hmp_fp32, FP32_OPS)
     sizes = model_sizes(args)
+    _check_memory(args, sizes)
     for flag, asks_for_it, reason in UNAVAILABLE:
         dest = flag.split()[0].lstrip("-").replace("-", "_")
         used = asks_for_it(args) if asks_for_it else getattr(args, dest) != parser.get_default(dest)

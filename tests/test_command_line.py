@@ -68,6 +68,7 @@ BAD_INPUTS = {
     "op list without bf16": (["--hmp-bf16=ops.txt"], "--hmp-bf16: applies only with --data_type bf16"),
     "missing config": (["--config=/nonexistent.yaml"], "--config /nonexistent.yaml: No such file or directory"),
     "top MLP not ending in 1": (["--arch-mlp-top=4-2"], "--arch-mlp-top: the last width must be 1"),
+    "tables larger than memory": (["--arch-embedding-size=900000000000"], "more than this machine's"),
 }
 
 
@@ -89,6 +90,8 @@ def test_bad_input_is_one_line_and_exit_2(name: str, capsys) -> None:
         ("model: dlrm\nparameters: {store_true: [mini-batch-size]}\n", "'mini-batch-size' in store_true"),
         ("model: resnet\n", "this script trains 'dlrm'"),
         ("model: [dlrm\n", "not valid YAML"),
+        ("model: dlrm\nparameters: [mini-batch-size]\n", "must be mappings"),
+        ("model: dlrm\nparameters: {store_true: print-time}\n", "'store_true' must be a list"),
     ],
 )
 def test_bad_config_names_what_is_wrong(tmp_path, capsys, config: str, message: str) -> None:
