@@ -370,18 +370,38 @@ class RandomDataset(torch.utils.data.Dataset):
         return dense, offsets, indices, torch.from_numpy(targets)
 
     def _bags(self, rng: np.random.RandomState, n: int, rows: int) -> tuple[Tensor, Tensor]:
-        largest = self.args.num_indices_per_lookup
-        bags, lengths = [], np.empty(n, dtype=np.int64)
-        for sample in range(n):
-            if self.args.num_indices_per_lookup_fixed:
-                size = largest
-            else:
-                size = int(np.round(max(1.0, rng.random(1)[0] * min(rows, largest))))
-            bag = np.unique(np.round(rng.random(size) * (rows - 1)).astype(np.int64))
-            bags.append(bag)
-            lengths[sample] = bag.size
+        """One table's bags, drawing the numbers the original drew sample by sample, in bulk.
+
+        Per sample the original drew ``random(1)`` for the bag size k (unless fixed), then ``random(k)``;
+        that stream is one ``random(total)``, so draw an upper bound, walk it for the sizes, then rewind and
+        consume exactly what was used. Each bag is ``unique(round(r * (rows - 1)))``.
+        """
+        largest, fixed = self.args.num_indices_per_lookup, self.args.num_indices_per_lookup_fixed
+        state = rng.get_state()
+        stream = rng.random(n * (largest + (0 if fixed else 1)))
+        if fixed:
+            sizes = np.full(n, largest)
+            starts = np.arange(n) * largest
+        else:
+            sizes, starts = np.empty(n, np.int64), np.empty(n, np.int64)
+            numbers, position, scale = stream.tolist(), 0, min(rows, largest)
+            for sample in range(n):
+                size = round(max(1.0, numbers[position] * scale))  # round half to even, as numpy's
+                sizes[sample], starts[sample] = size, position + 1
+                position += 1 + size
+        rng.set_state(state)
+        rng.random(int(starts[-1] + sizes[-1]) if n else 0)
+
+        sample_of = np.repeat(np.arange(n), sizes)
+        first = np.repeat(starts - np.cumsum(sizes) + sizes, sizes)
+        values = np.round(stream[first + np.arange(sizes.sum())] * (rows - 1)).astype(np.int64)
+        order = np.lexsort((values, sample_of))
+        values, sample_of = values[order], sample_of[order]
+        keep = np.ones(values.size, dtype=bool)
+        keep[1:] = (values[1:] != values[:-1]) | (sample_of[1:] != sample_of[:-1])
+        lengths = np.bincount(sample_of[keep], minlength=n)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        return torch.from_numpy(offsets), torch.from_numpy(np.concatenate(bags))
+        return torch.from_numpy(offsets), torch.from_numpy(values[keep])
 
 
 class Preprocessor:
@@ -532,7 +552,7 @@ def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLo
     if training:
         for table in model.embeddings:
             table.set_optimizer(SparseOptimizer(args.optimizer, args.learning_rate))
-        DenseOptimizer(model.dense_parameters(), args.optimizer, args.learning_rate)
+        DenseOptimizer(model.dense_parameters(), args.optimizer, args.learning_rate)  # hooks onto the parameters
     precision = torch.autocast("cpu", dtype=torch.bfloat16) if args.data_type == "bf16" else contextlib.nullcontext()
     phase = "training" if training else "inference"
     nbatches = len(loader)

@@ -1,8 +1,11 @@
 """The command line beside a plain-PyTorch DLRM written from SPEC §3: the same losses, iteration by iteration."""
 
 import pytest
+import torch
 from conftest import finished_lines, run_script
-from reference_dlrm import reference_losses
+from reference_dlrm import random_batch, reference_losses
+
+import dlrm_s_pytorch
 
 BASE = dict(
     seed=123, tables=[40, 7, 300], dim=4, bottom=[5, 8, 4], top=[6, 1], op="dot", itself=False, threshold=0.0,
@@ -65,3 +68,24 @@ def test_workers_give_the_same_batches_as_the_main_process() -> None:
     with_workers = run_script(*command_line(cfg), "--num-workers=2")
     assert alone.returncode == with_workers.returncode == 0, with_workers.stderr
     assert [r["loss"] for r in finished_lines(alone.stdout)] == [r["loss"] for r in finished_lines(with_workers.stdout)]
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("tables, nipl", [([1, 2, 5000], 7), ([3_000_000], 38), ([10, 4], 1)])
+def test_generated_batches_equal_the_sample_by_sample_generator(tables: list[int], nipl: int, fixed: bool) -> None:
+    argv = [f"--arch-embedding-size={'-'.join(map(str, tables))}", "--arch-mlp-bot=3-2", "--mini-batch-size=64"]
+    argv += [f"--num-indices-per-lookup={nipl}", "--data-size=100", "--round-targets"]
+    argv += ["--num-indices-per-lookup-fixed"] if fixed else []
+    args, sizes, _ = dlrm_s_pytorch.parse_command_line(argv)
+    dataset = dlrm_s_pytorch.RandomDataset(args, sizes)
+    for epoch, index, j in [(0, 0, 0), (0, 1, 1), (3, 1, 7)]:  # two batches an epoch: j = 2 * epoch + index
+        dataset.epoch = epoch
+        ours = dataset[index]
+        expected = random_batch(j, 64 if index == 0 else 36, 3, tables, nipl, fixed, round_targets=True)
+        for mine, theirs in zip(tensors_of(ours), tensors_of(expected), strict=True):
+            assert torch.equal(mine, theirs)
+
+
+def tensors_of(batch) -> list:
+    dense, offsets, indices, targets = batch
+    return [dense, *offsets, *indices, targets]

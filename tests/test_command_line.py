@@ -196,3 +196,14 @@ def test_readme_command_lines_parse_as_documented(capsys) -> None:
     assert "--mode lazy is not available yet" in capsys.readouterr().err
     args, sizes, _ = dlrm_s_pytorch.parse_command_line(eager)
     assert (sizes.tables, sizes.top[0], args.optimizer, args.data_type) == ([3000000], 128, "adagrad", "fp32")
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "hb_configs").glob("*.yaml")))
+def test_every_shipped_config_parses(config: str, capsys) -> None:
+    argv = ["--config", str(ROOT / "hb_configs" / config)]
+    if "_lazy_" in config:  # lazy mode arrives with the device backends
+        assert dlrm_s_pytorch.main(argv) == 2
+        assert "--mode lazy is not available yet" in capsys.readouterr().err
+    else:
+        args, sizes, env = dlrm_s_pytorch.parse_command_line(argv)
+        assert args.mode in ("eager", "custom") and args.print_time and sizes.top[-1] == 1
