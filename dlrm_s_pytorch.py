@@ -269,15 +269,18 @@ def _check_op_list(flag: str, path: str, expected: set[str]) -> None:
 
 
 def _check_memory(args: argparse.Namespace, sizes: Sizes) -> None:
-    """Stop early, naming the sizes, when the weights and optimizer state cannot fit in this machine's memory."""
+    """Stop early, naming the flags, when the weights, optimizer state and a batch cannot fit in memory."""
     weights = sum(sizes.tables) * sizes.embedding_dim
     weights += sum((n + 1) * m for layers in (sizes.bottom, sizes.top) for n, m in itertools.pairwise(layers))
     copies = 2 if args.optimizer == "adagrad" and not args.inference_only else 1
-    needed, available = 4 * weights * copies, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    activations = args.mini_batch_size * (sum(sizes.bottom) + sum(sizes.top)) * 3  # forward, backward, spare
+    index_buffers = args.mini_batch_size * args.num_indices_per_lookup * len(sizes.tables) * 3 * 2  # int64
+    needed = 4 * (weights * copies + activations + index_buffers)
+    available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if needed > available:
         raise UsageError(
-            f"--arch-embedding-size / --arch-mlp-*: the weights{' and Adagrad state' if copies == 2 else ''} "
-            f"need {needed / 1e9:.1f} GB, more than this machine's {available / 1e9:.1f} GB of memory"
+            f"--arch-*, --mini-batch-size: the model, its optimizer state and one batch need {needed / 1e9:.1f} GB, "
+            f"more than this machine's {available / 1e9:.1f} GB of memory"
         )
 
 
@@ -290,7 +293,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
         if value < 0 or (value == 0 and dest in positive):
             bound = "positive" if dest in positive else "zero or more"
             raise UsageError(f"--{dest.replace('_', '-')}: must be {bound}, got {value}")
-    if args.world_size < 1 or args.mini_batch_size % args.world_size:
+    if args.world_size < 1:
+        raise UsageError(f"--world_size: must be positive, got {args.world_size}")
+    if args.mini_batch_size % args.world_size:
         raise UsageError(f"--mini-batch-size {args.mini_batch_size} is not divisible by --world_size {args.world_size}")
     if not 0.0 <= args.loss_threshold < 1.0:
         raise UsageError(f"--loss-threshold: must be in [0, 1), got {args.loss_threshold}")
