@@ -36,6 +36,10 @@ class UsageError(Exception):
     """Bad input: reported as one line with exit code 2, before any work is done."""
 
 
+class DivergedError(Exception):
+    """Training produced non-finite scores: reported as one line with exit code 1."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse would print the whole usage first
         raise UsageError(message)
@@ -165,11 +169,13 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], 
         config = yaml.safe_load(Path(path).read_text())
     except OSError as e:
         raise UsageError(f"--config {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--config {path}: not a text file") from None
     except yaml.YAMLError as e:
         raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(config, dict):
         raise UsageError(f"--config {path}: expected a mapping with keys {sorted(CONFIG_KEYS)}")
-    unknown = sorted(config.keys() - CONFIG_KEYS)
+    unknown = sorted(map(str, config.keys() - CONFIG_KEYS))
     if unknown:
         raise UsageError(f"--config {path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(CONFIG_KEYS))})")
     if config.get("model", "dlrm") != "dlrm":
@@ -191,10 +197,16 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], 
         argv.append(f"--{name}")
     for name, value in parameters.items():
         action = options.get(f"--{name}")
-        if action is None or action.nargs == 0 or name == "config":
+        if action is None or name == "config":
             raise UsageError(f"--config {path}: unknown parameter {name!r}")
+        if action.nargs == 0:
+            raise UsageError(f"--config {path}: {name!r} is an on/off flag: list it under store_true")
         argv.append(f"--{name}={value}")
-    return argv, {str(k): str(v) for k, v in env.items()}
+    env = {str(k): str(v) for k, v in env.items()}
+    for name, value in env.items():
+        if not name or "=" in name or "\0" in name + value:
+            raise UsageError(f"--config {path}: {name!r} cannot be an environment variable")
+    return argv, env
 
 
 @dataclass
@@ -264,6 +276,8 @@ def _check_op_list(flag: str, path: str, expected: set[str]) -> None:
         ops = {line.strip() for line in Path(path).read_text().splitlines() if line.strip()}
     except OSError as e:
         raise UsageError(f"{flag} {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{flag} {path}: not a text file") from None
     if ops != expected:
         raise UsageError(f"{flag} {path}: only the original list is supported ({', '.join(sorted(expected))})")
 
@@ -274,7 +288,7 @@ def _check_memory(args: argparse.Namespace, sizes: Sizes) -> None:
     weights += sum((n + 1) * m for layers in (sizes.bottom, sizes.top) for n, m in itertools.pairwise(layers))
     copies = 2 if args.optimizer == "adagrad" and not args.inference_only else 1
     activations = args.mini_batch_size * (sum(sizes.bottom) + sum(sizes.top)) * 3  # forward, backward, spare
-    index_buffers = args.mini_batch_size * args.num_indices_per_lookup * len(sizes.tables) * 3 * 2  # int64
+    index_buffers = args.mini_batch_size * args.num_indices_per_lookup * len(sizes.tables) * 4 * 2  # 4 int64
     needed = 4 * (weights * copies + activations + index_buffers)
     available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if needed > available:
@@ -286,13 +300,21 @@ def _check_memory(args: argparse.Namespace, sizes: Sizes) -> None:
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Sizes:
     """Reject every value that cannot run, naming the flag; return the model's sizes."""
-    positive = ("mini_batch_size", "num_indices_per_lookup", "data_size", "print_freq")
-    not_negative = ("num_batches", "nepochs", "num_workers", "print_precision", "learning_rate")
+    positive = ("mini_batch_size", "num_indices_per_lookup", "print_freq")
+    not_negative = ("num_batches", "nepochs", "num_workers", "learning_rate")
     for dest in positive + not_negative:
         value = getattr(args, dest)
-        if value < 0 or (value == 0 and dest in positive):
+        if not value >= (1 if dest in positive else 0) or not math.isfinite(value):
             bound = "positive" if dest in positive else "zero or more"
             raise UsageError(f"--{dest.replace('_', '-')}: must be {bound}, got {value}")
+    if args.num_batches == 0 and args.data_size < 1:
+        raise UsageError(f"--data-size: must be positive (or --num-batches set), got {args.data_size}")
+    if not 0 <= args.numpy_rand_seed < 2**32:
+        raise UsageError(f"--numpy-rand-seed: must be in [0, 2**32), got {args.numpy_rand_seed}")
+    if not 0 <= args.print_precision <= 50:
+        raise UsageError(f"--print-precision: must be in [0, 50], got {args.print_precision}")
+    if args.arch_interaction_itself and args.arch_interaction_op != "dot":
+        raise UsageError("--arch-interaction-itself: applies only with --arch-interaction-op dot")
     if args.world_size < 1:
         raise UsageError(f"--world_size: must be positive, got {args.world_size}")
     if args.mini_batch_size % args.world_size:
@@ -383,7 +405,7 @@ class RandomDataset(torch.utils.data.Dataset):
         """
         largest, fixed = self.args.num_indices_per_lookup, self.args.num_indices_per_lookup_fixed
         state = rng.get_state()
-        stream = rng.random(n * (largest + (0 if fixed else 1)))
+        stream = rng.random(n * (largest if fixed else 1 + min(rows, largest)))
         if fixed:
             sizes = np.full(n, largest)
             starts = np.arange(n) * largest
@@ -574,6 +596,8 @@ def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLo
                 start = time.perf_counter()
                 with precision:
                     scores = model(batch.dense, batch.bags).float()
+                if not torch.isfinite(scores).all():
+                    raise DivergedError(f"it {j + 1} of epoch {epoch}: the scores are not finite (--learning-rate?)")
                 loss = loss_fn(scores, batch.targets)
                 if training:
                     loss.backward()  # the sparse and the dense optimizers both update inside backward
@@ -630,9 +654,13 @@ def main(argv: list[str]) -> int:
     loader = make_loader(args, sizes)
     model = DLRM(sizes, args.arch_interaction_op, args.arch_interaction_itself, args.loss_threshold)
     if args.debug_mode:
-        print(f"model sizes: {sizes}\n{model}")
+        print(f"model sizes: {sizes}, torch threads: {torch.get_num_threads()}\n{model}")
     with profiling(args.enable_profiling):
-        train(args, model, loader)
+        try:
+            train(args, model, loader)
+        except DivergedError as e:
+            print(f"dlrm_s_pytorch.py: error: {e}", file=sys.stderr)
+            return 1
     if args.debug_mode:
         for name, param in model.named_parameters():
             print(f"updated {name}:\n{param.detach()}")

@@ -74,7 +74,7 @@ def random_batch(j, n, dense_features, tables, nipl, fixed, round_targets):
 
 
 def reference_losses(cfg):
-    """Per-iteration (loss, correct predictions) of a run described by ``cfg`` (a dict of the flags' values)."""
+    """Per-iteration (epoch, iteration, loss, correct predictions) of a run described by ``cfg``."""
     np.random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     model = ReferenceDLRM(
@@ -87,7 +87,7 @@ def reference_losses(cfg):
     mbs, data_size = cfg["batch"], cfg["data_size"]
     nbatches = math.ceil(data_size / mbs)
     results, j = [], 0
-    for _ in range(cfg["epochs"]):
+    for epoch in range(cfg["epochs"]):
         for index in range(nbatches):
             n = min(mbs, data_size - index * mbs)
             dense, offsets, indices, targets = random_batch(
@@ -108,5 +108,5 @@ def reference_losses(cfg):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            results.append((loss.item(), int((p.detach().round() == targets).sum())))
+            results.append((epoch, index, loss.item(), int((p.detach().round() == targets).sum())))
     return results

@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 from conftest import ROOT, finished_lines, run_script
 
 import dlrm_s_pytorch
@@ -34,11 +35,33 @@ def test_every_original_flag_is_known() -> None:
     assert set(ORIGINAL_FLAGS) - known == set()
 
 
-def test_defaults_are_the_originals() -> None:
-    args = dlrm_s_pytorch.build_parser().parse_args([])
-    assert (args.arch_sparse_feature_size, args.arch_embedding_size, args.arch_mlp_top) == (2, [4, 3, 2], [4, 2, 1])
-    assert (args.mini_batch_size, args.learning_rate, args.optimizer, args.print_freq) == (4, 0.5, "sgd", 20)
-    assert (args.num_indices_per_lookup, args.numpy_rand_seed, args.data_type, args.mode) == (10, 123, "fp32", "eager")
+# The original's defaults (habana_port_notes §1), as the original wrote them; --hmp and --run-lazy-mode are
+# aliases here that default to the launcher's fp32 and eager.
+ORIGINAL_DEFAULTS = dict(
+    arch_sparse_feature_size=2, arch_embedding_size="4-3-2", arch_mlp_bot="4-3-2", arch_mlp_top="4-2-1",
+    arch_interaction_op="cat", arch_interaction_itself=False, md_flag=False, md_threshold=200, md_temperature=0.3,
+    md_round_dims=False, qr_flag=False, qr_threshold=200, qr_operation="mult", qr_collisions=4,
+    activation_function="relu", loss_function="bce", loss_weights="1.0-1.0", loss_threshold=0.0,
+    round_targets=False, data_size=8, num_batches=0, data_generation="random",
+    data_trace_file="./input/dist_emb_j.log", data_set="kaggle", raw_data_file="", processed_data_file="",
+    data_randomize="total", data_trace_enable_padding=False, max_ind_range=-1, data_sub_sample_rate=0.0,
+    num_indices_per_lookup=10, num_indices_per_lookup_fixed=False, num_workers=0, memory_map=False,
+    mini_batch_size=4, nepochs=1, learning_rate=0.5, print_precision=5, numpy_rand_seed=123,
+    sync_dense_params=True, optimizer="sgd", inference_only=False, save_onnx=False, use_gpu=False, print_freq=20,
+    test_freq=-1, test_mini_batch_size=-1, test_num_workers=-1, print_time=False, debug_mode=False,
+    enable_profiling=False, plot_compute_graph=False, save_model="", load_model="", mlperf_logging=False,
+    mlperf_acc_threshold=0.0, mlperf_auc_threshold=0.0, mlperf_bin_loader=False, mlperf_bin_shuffle=False,
+    no_habana=False, hmp_bf16="", hmp_fp32="", hmp_opt_level="O1", hmp_verbose=False, distributed=False,
+    print_dist_loss=False, log_device_mem_alloc=False, measure_perf=False, print_all_ranks=False,
+    data_type="fp32", mode="eager", world_size=1,
+)  # fmt: skip
+
+
+def test_defaults_and_their_types_are_the_originals() -> None:
+    parser = dlrm_s_pytorch.build_parser()
+    for dest, expected in ORIGINAL_DEFAULTS.items():
+        default = parser.get_default(dest)
+        assert (dest, default, type(default)) == (dest, expected, type(expected))
 
 
 def write(tmp_path, name: str, text: str) -> str:
@@ -69,6 +92,10 @@ BAD_INPUTS = {
     "missing config": (["--config=/nonexistent.yaml"], "--config /nonexistent.yaml: No such file or directory"),
     "top MLP not ending in 1": (["--arch-mlp-top=4-2"], "--arch-mlp-top: the last width must be 1"),
     "tables larger than memory": (["--arch-embedding-size=900000000000"], "more than this machine's"),
+    "negative seed": (["--numpy-rand-seed=-1"], "--numpy-rand-seed: must be in [0, 2**32)"),
+    "learning rate not a number": (["--learning-rate=nan"], "--learning-rate: must be zero or more, got nan"),
+    "interaction-itself with cat": (["--arch-interaction-itself"], "applies only with --arch-interaction-op dot"),
+    "config not text": (["--config=/bin/sh"], "--config /bin/sh: not a text file"),
 }
 
 
@@ -92,6 +119,9 @@ def test_bad_input_is_one_line_and_exit_2(name: str, capsys) -> None:
         ("model: [dlrm\n", "not valid YAML"),
         ("model: dlrm\nparameters: [mini-batch-size]\n", "must be mappings"),
         ("model: dlrm\nparameters: {store_true: print-time}\n", "'store_true' must be a list"),
+        ("model: dlrm\nparameters: {round-targets: true}\n", "'round-targets' is an on/off flag"),
+        ("model: dlrm\nenv_variables: {A=B: 1}\n", "'A=B' cannot be an environment variable"),
+        ("model: dlrm\n1: a\n", "unknown key '1'"),
     ],
 )
 def test_bad_config_names_what_is_wrong(tmp_path, capsys, config: str, message: str) -> None:
@@ -115,11 +145,18 @@ def test_small_config_runs_and_flags_override_it() -> None:
     assert all(30 < line["accuracy"] < 70 for line in lines)  # rounded targets, an untrained model
 
 
-def test_config_environment_is_applied_once(tmp_path) -> None:
-    config = write(tmp_path, "env.yaml", "model: dlrm\nenv_variables: {DLRM_TEST_MARKER: hello}\nparameters: {}\n")
-    result = run_script("--config", config, *TINY)
+def test_config_environment_reaches_torch_once(tmp_path) -> None:
+    config = write(tmp_path, "env.yaml", "model: dlrm\nenv_variables: {OMP_NUM_THREADS: 1}\nparameters: {}\n")
+    result = run_script("--config", config, *TINY, "--debug-mode", "--num-batches=1")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("Environment from --config: DLRM_TEST_MARKER=hello") == 1
+    assert result.stdout.count("Environment from --config: OMP_NUM_THREADS=1") == 1
+    assert "torch threads: 1\n" in result.stdout
+
+
+def test_divergence_stops_with_one_line() -> None:
+    result = run_script(*TINY, "--learning-rate=1e30", "--num-batches=5")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "the scores are not finite" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -133,7 +170,7 @@ def test_medium_configuration_trains_two_iterations(config: str) -> None:
     assert 0.5 < line["loss"] < 1.0
 
 
-def test_without_print_time_ms_is_minus_one_and_workers_prefetch() -> None:
+def test_without_print_time_ms_is_minus_one() -> None:
     result = run_script(*TINY, "--num-batches=4", "--print-freq=2", "--num-workers=2")
     assert result.returncode == 0, result.stderr
     assert [line["ms"] for line in finished_lines(result.stdout)] == [-1.0, -1.0]
@@ -155,6 +192,26 @@ def test_bf16_with_the_original_op_lists(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert "bf16 ops: addmm, bmm, dot, linear, mm, mv" in result.stdout
     assert len(finished_lines(result.stdout)) == 1
+
+
+def test_bf16_runs_matrix_products_in_bf16_and_keeps_the_rest_fp32() -> None:
+    args, sizes, _ = dlrm_s_pytorch.parse_command_line([*TINY, "--arch-interaction-op=dot", "-d", "bf16"])
+    args.optimizer, args.num_batches = "adagrad", 2
+    model = dlrm_s_pytorch.DLRM(sizes, "dot", False, 0.0)
+    seen = {}
+
+    def record_output_dtype(name: str):
+        def hook(module, inputs, output) -> None:
+            seen[name] = output.dtype
+
+        return hook
+
+    for name, module in [("bottom", model.bottom_mlp[0]), ("top", model.top_mlp[0]), ("table", model.embeddings[0])]:
+        module.register_forward_hook(record_output_dtype(name))
+    dlrm_s_pytorch.train(args, model, dlrm_s_pytorch.make_loader(args, sizes))
+    assert seen == dict(bottom=torch.bfloat16, top=torch.bfloat16, table=torch.float32)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {t.moments.dtype for t in model.embeddings} == {torch.float32}
 
 
 def test_bf16_stays_close_to_fp32() -> None:
