@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 OPTIMIZERS = ("sgd", "adagrad")
 ADAGRAD_EPS = 1e-10  # the original's sparse kernel and torch.optim.Adagrad's default
+DENSE_CHUNK = 1 << 20  # elements per step of the dense Adagrad update
 
 
 @dataclass
@@ -171,10 +172,12 @@ class DenseOptimizer:
     def _update(self, param: nn.Parameter) -> None:
         grad = param.grad
         if self.name == "adagrad":
-            state_sum = self.state[param]
-            state_sum.addcmul_(grad, grad, value=1)
-            std = state_sum.sqrt().add_(ADAGRAD_EPS)
-            param.addcdiv_(grad, std, value=-self.lr)
+            # In chunks, so the temporary ``std`` stays small; the math is element by element, as torch's.
+            flat = (param.view(-1), grad.reshape(-1), self.state[param].view(-1))
+            for weight, g, state_sum in zip(*(t.split(DENSE_CHUNK) for t in flat), strict=True):
+                state_sum.addcmul_(g, g, value=1)
+                std = state_sum.sqrt().add_(ADAGRAD_EPS)
+                weight.addcdiv_(g, std, value=-self.lr)
         else:
             param.add_(grad, alpha=-self.lr)
         param.grad = None
