@@ -648,7 +648,7 @@ def main(argv: list[str]) -> int:
     np.random.seed(args.numpy_rand_seed)
     torch.manual_seed(args.numpy_rand_seed)
     print("Using CPU...")
-    if args.data_type == "bf16" and args.hmp_verbose:
+    if args.hmp_verbose:
         print(f"bf16 ops: {', '.join(sorted(BF16_OPS))}; fp32 ops: {', '.join(sorted(FP32_OPS))}")
 
     loader = make_loader(args, sizes)
