@@ -132,21 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sizes(text: str) -> list[int]:
+def _dash_separated(text: str, kind: type) -> list:
+    """``"4-3-2"`` -> ``[4, 3, 2]``; an empty list when any part is not a ``kind``."""
     try:
-        sizes = [int(s) for s in text.split("-")]
+        return [kind(part) for part in text.split("-")]
     except ValueError:
-        sizes = []
+        return []
+
+
+def _sizes(text: str) -> list[int]:
+    sizes = _dash_separated(text, int)
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"expected '-'-separated positive integers, got {text!r}")
     return sizes
 
 
 def _loss_weights(text: str) -> list[float]:
-    try:
-        weights = [float(w) for w in text.split("-")]
-    except ValueError:
-        weights = []
+    weights = _dash_separated(text, float)
     if len(weights) != 2:
         raise argparse.ArgumentTypeError(f"expected two numbers like '1.0-1.0', got {text!r}")
     return weights
@@ -163,14 +165,19 @@ def _parse_bool(text: str) -> bool:
 CONFIG_KEYS = {"model", "env_variables", "parameters"}
 
 
+def _read_text(flag: str, path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{flag} {path}: not a text file") from None
+
+
 def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], dict[str, str]]:
     """Read an ``hb_configs`` YAML file into command-line arguments and environment variables."""
     try:
-        config = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise UsageError(f"--config {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"--config {path}: not a text file") from None
+        config = yaml.safe_load(_read_text("--config", path))
     except yaml.YAMLError as e:
         raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(config, dict):
@@ -272,12 +279,7 @@ FP32_OPS = {"binary_cross_entropy", "mse_loss", "embedding_bag_sum_fwd", "embedd
 
 
 def _check_op_list(flag: str, path: str, expected: set[str]) -> None:
-    try:
-        ops = {line.strip() for line in Path(path).read_text().splitlines() if line.strip()}
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{flag} {path}: not a text file") from None
+    ops = {line.strip() for line in _read_text(flag, path).splitlines() if line.strip()}
     if ops != expected:
         raise UsageError(f"{flag} {path}: only the original list is supported ({', '.join(sorted(expected))})")
 
@@ -403,21 +405,21 @@ class RandomDataset(torch.utils.data.Dataset):
         that stream is one ``random(total)``, so draw an upper bound, walk it for the sizes, then rewind and
         consume exactly what was used. Each bag is ``unique(round(r * (rows - 1)))``.
         """
-        largest, fixed = self.args.num_indices_per_lookup, self.args.num_indices_per_lookup_fixed
-        state = rng.get_state()
-        stream = rng.random(n * (largest if fixed else 1 + min(rows, largest)))
-        if fixed:
-            sizes = np.full(n, largest)
-            starts = np.arange(n) * largest
+        largest = self.args.num_indices_per_lookup
+        if self.args.num_indices_per_lookup_fixed:
+            stream = rng.random(n * largest)
+            sizes, starts = np.full(n, largest), np.arange(n) * largest
         else:
+            state = rng.get_state()
+            stream = rng.random(n * (1 + min(rows, largest)))
             sizes, starts = np.empty(n, np.int64), np.empty(n, np.int64)
             numbers, position, scale = stream.tolist(), 0, min(rows, largest)
             for sample in range(n):
                 size = round(max(1.0, numbers[position] * scale))  # round half to even, as numpy's
                 sizes[sample], starts[sample] = size, position + 1
                 position += 1 + size
-        rng.set_state(state)
-        rng.random(int(starts[-1] + sizes[-1]) if n else 0)
+            rng.set_state(state)
+            rng.random(position)
 
         sample_of = np.repeat(np.arange(n), sizes)
         first = np.repeat(starts - np.cumsum(sizes) + sizes, sizes)
