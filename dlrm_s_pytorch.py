@@ -13,7 +13,6 @@ import contextlib
 import itertools
 import math
 import os
-import resource
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -25,7 +24,17 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from habana_dlrm_ops import OPTIMIZERS, BagBatch, DenseOptimizer, EmbeddingBag, SparseOptimizer, preprocess_bags
+from habana_dlrm_ops import (
+    OPTIMIZERS,
+    Backend,
+    BagBatch,
+    DeviceUnavailable,
+    EmbeddingBag,
+    RowGrouper,
+    TorchKernels,
+    preprocess_bags,
+    select_backend,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Command line
@@ -245,16 +254,12 @@ def model_sizes(args: argparse.Namespace) -> Sizes:
     return Sizes(bottom[0], dim, tables, bottom, [interaction, *top])
 
 
-LATER_DEVICES = "is not available yet: this release trains eagerly on the CPU"
 LATER_DISTRIBUTED = "is not available yet: this release trains in one process"
 LATER_DATA = "is not available yet: this release trains on random data, without testing or checkpoints"
 NO_QR_MD = "is not supported: the custom embedding op has no quotient-remainder or mixed-dimension variant"
 
 # (flag, whether the parsed value asks for it, why it cannot run)
 UNAVAILABLE = [
-    ("--mode lazy", lambda a: a.mode == "lazy", LATER_DEVICES),
-    ("--device", lambda a: a.device in ("cuda", "hpu"), LATER_DEVICES),
-    ("--use-gpu", lambda a: a.use_gpu, LATER_DEVICES),
     ("--distributed", lambda a: a.distributed, LATER_DISTRIBUTED),
     ("--world_size", lambda a: a.world_size > 1, LATER_DISTRIBUTED),
     ("--print-dist-loss", lambda a: a.print_dist_loss, LATER_DISTRIBUTED),
@@ -317,6 +322,10 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
         raise UsageError(f"--print-precision: must be in [0, 50], got {args.print_precision}")
     if args.arch_interaction_itself and args.arch_interaction_op != "dot":
         raise UsageError("--arch-interaction-itself: applies only with --arch-interaction-op dot")
+    if args.use_gpu and args.device not in ("auto", "cuda"):
+        raise UsageError(f"--use-gpu: contradicts --device {args.device}")
+    if args.no_habana and args.device == "hpu":
+        raise UsageError("--no-habana: contradicts --device hpu")
     if args.world_size < 1:
         raise UsageError(f"--world_size: must be positive, got {args.world_size}")
     if args.mini_batch_size % args.world_size:
@@ -366,6 +375,13 @@ class Batch:
     dense: Tensor  # [n, dense features]
     bags: list[BagBatch]  # one per table
     targets: Tensor  # [n, 1]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        move = dict(device=device, non_blocking=non_blocking)
+        return Batch(self.dense.to(**move), [b.to(**move) for b in self.bags], self.targets.to(**move))
+
+    def pin_memory(self) -> Batch:  # called by the DataLoader's pin_memory thread
+        return Batch(self.dense.pin_memory(), [b.pin_memory() for b in self.bags], self.targets.pin_memory())
 
 
 class RandomDataset(torch.utils.data.Dataset):
@@ -436,23 +452,27 @@ class RandomDataset(torch.utils.data.Dataset):
 class Preprocessor:
     """The loader's collate function: raw batch -> ``Batch`` with each table's fixed-size ``BagBatch``."""
 
-    def __init__(self, batch_size: int, num_indices_per_lookup: int) -> None:
-        self.batch_size, self.capacity = batch_size, num_indices_per_lookup * batch_size
+    def __init__(self, batch_size: int, num_indices_per_lookup: int, group: RowGrouper) -> None:
+        self.batch_size, self.capacity, self.group = batch_size, num_indices_per_lookup * batch_size, group
 
     def __call__(self, raw: tuple[Tensor, list[Tensor], list[Tensor], Tensor]) -> Batch:
         dense, offsets, indices, targets = raw
-        bags = [preprocess_bags(i, o, self.batch_size, self.capacity) for o, i in zip(offsets, indices, strict=True)]
+        bags = [
+            preprocess_bags(i, o, self.batch_size, self.capacity, self.group)
+            for o, i in zip(offsets, indices, strict=True)
+        ]
         return Batch(dense, bags, targets)
 
 
-def make_loader(args: argparse.Namespace, sizes: Sizes) -> torch.utils.data.DataLoader:
-    dataset = RandomDataset(args, sizes)
+def make_loader(args: argparse.Namespace, sizes: Sizes, backend: Backend) -> torch.utils.data.DataLoader:
+    """Batches generated and preprocessed by ``--num-workers`` processes (or this one), pinned for a GPU."""
     return torch.utils.data.DataLoader(
-        dataset,
+        RandomDataset(args, sizes),
         batch_size=None,
         shuffle=False,
         num_workers=args.num_workers,
-        collate_fn=Preprocessor(args.mini_batch_size, args.num_indices_per_lookup),
+        collate_fn=Preprocessor(args.mini_batch_size, args.num_indices_per_lookup, backend.group_rows),
+        pin_memory=backend.pin_memory,
     )
 
 
@@ -497,17 +517,42 @@ def make_mlp(widths: list[int], sigmoid_last: bool) -> nn.Sequential:
 
 
 class DLRM(nn.Module):
-    """Bottom MLP on dense features, embedding bags on sparse ones, their interaction, then the top MLP."""
+    """Bottom MLP on dense features, embedding bags on sparse ones, their interaction, the top MLP, the loss.
 
-    def __init__(self, sizes: Sizes, interaction: str, interaction_itself: bool, loss_threshold: float) -> None:
+    The embedding lookups run op by op (their update happens inside backward); everything after them is the
+    dense path, which lazy mode compiles into one graph.
+    """
+
+    def __init__(self, args: argparse.Namespace, sizes: Sizes, kernels: TorchKernels | None = None) -> None:
         super().__init__()
-        self.embeddings = nn.ModuleList(EmbeddingBag(draw_table(rows, sizes.embedding_dim)) for rows in sizes.tables)
+        tables = (EmbeddingBag(draw_table(rows, sizes.embedding_dim), kernels) for rows in sizes.tables)
+        self.embeddings = nn.ModuleList(tables)
         self.bottom_mlp = make_mlp(sizes.bottom, sigmoid_last=False)
         self.top_mlp = make_mlp(sizes.top, sigmoid_last=True)
-        self.interaction, self.loss_threshold = interaction, loss_threshold
+        self.interaction, self.loss_threshold = args.arch_interaction_op, args.loss_threshold
+        self.loss_function, self.bf16 = args.loss_function, args.data_type == "bf16"
         features = len(sizes.tables) + 1
-        rows, cols = torch.tril_indices(features, features, offset=0 if interaction_itself else -1)
+        rows, cols = torch.tril_indices(features, features, offset=0 if args.arch_interaction_itself else -1)
         self.register_buffer("pair_index", rows * features + cols, persistent=False)
+        self.register_buffer("loss_weights", torch.tensor(args.loss_weights), persistent=False)
+
+    def forward(self, dense: Tensor, bags: list[BagBatch], targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(scores, loss, stats): stats holds the loss, the correct predictions and the non-finite scores."""
+        pooled = [table(table_bags) for table, table_bags in zip(self.embeddings, bags, strict=True)]
+        return self.dense_path(dense, pooled, targets)
+
+    def dense_path(self, dense: Tensor, pooled: list[Tensor], targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # bf16: the matrix products run in bf16 (the original's op lists); embeddings and the loss stay fp32.
+        with torch.autocast(dense.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            scores = self.top_mlp(self.interact(self.bottom_mlp(dense), pooled)).float()
+        finite = torch.isfinite(scores)
+        scores = torch.where(finite, scores, 0.5)  # a diverged run is reported, not a crash inside the loss
+        if 0.0 < self.loss_threshold < 1.0:
+            scores = torch.clamp(scores, min=self.loss_threshold, max=1.0 - self.loss_threshold)
+        loss = self.loss(scores, targets)
+        correct = (torch.round(scores) == targets).sum()
+        stats = torch.stack([loss.detach(), correct.float(), (~finite).sum().float()])
+        return scores, loss, stats
 
     def interact(self, x: Tensor, pooled: list[Tensor]) -> Tensor:
         if self.interaction == "cat":
@@ -516,31 +561,17 @@ class DLRM(nn.Module):
         products = torch.bmm(features, features.transpose(1, 2)).flatten(1)
         return torch.cat([x, products.index_select(1, self.pair_index)], dim=1)
 
-    def forward(self, dense: Tensor, bags: list[BagBatch]) -> Tensor:
-        x = self.bottom_mlp(dense)
-        pooled = [table(table_bags) for table, table_bags in zip(self.embeddings, bags, strict=True)]
-        scores = self.top_mlp(self.interact(x, pooled))
-        if 0.0 < self.loss_threshold < 1.0:
-            scores = torch.clamp(scores, min=self.loss_threshold, max=1.0 - self.loss_threshold)
-        return scores
+    def loss(self, scores: Tensor, targets: Tensor) -> Tensor:
+        """mse, bce, or wbce (bce weighted by each sample's target, 0 or 1), on probabilities."""
+        if self.loss_function == "mse":
+            return nn.functional.mse_loss(scores, targets)
+        if self.loss_function == "bce":
+            return nn.functional.binary_cross_entropy(scores, targets)
+        per_sample = nn.functional.binary_cross_entropy(scores, targets, reduction="none")
+        return (per_sample * self.loss_weights[targets.long()]).mean()
 
     def dense_parameters(self) -> list[nn.Parameter]:
         return [*self.top_mlp.parameters(), *self.bottom_mlp.parameters()]
-
-
-def make_loss(name: str, weights: list[float]):
-    """The loss on probabilities: mse, bce, or wbce (bce weighted by each sample's target, 0 or 1)."""
-    if name == "mse":
-        return nn.functional.mse_loss
-    if name == "bce":
-        return nn.functional.binary_cross_entropy
-    weight_of_target = torch.tensor(weights)
-
-    def weighted_bce(scores: Tensor, targets: Tensor) -> Tensor:
-        per_sample = nn.functional.binary_cross_entropy(scores, targets, reduction="none")
-        return (per_sample * weight_of_target[targets.long()]).mean()
-
-    return weighted_bce
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -549,45 +580,54 @@ def make_loss(name: str, weights: list[float]):
 
 
 class Window:
-    """Loss, accuracy and time summed over the iterations since the last printed line."""
+    """The iterations since the last printed line: their statistics stay on the device until the line is due."""
 
     def __init__(self) -> None:
-        self.loss, self.correct, self.samples, self.seconds, self.iterations = 0.0, 0, 0, 0.0, 0
+        self.stats: list[Tensor] = []
+        self.samples, self.timed_seconds, self.timed = 0, 0.0, 0
 
-    def add(self, loss: Tensor, scores: Tensor, targets: Tensor, seconds: float) -> None:
-        n = targets.size(0)
-        self.loss += loss.item() * n
-        self.correct += int((torch.round(scores.detach()) == targets).sum())
-        self.samples += n
-        self.seconds += seconds
-        self.iterations += 1
+    def add(self, stats: Tensor, samples: int, seconds: float | None) -> None:
+        """``seconds`` is None for a lazy-mode warm-up iteration, which stays out of ms/it."""
+        self.stats.append(stats.clone())  # a CUDA graph's output is overwritten by its next replay
+        self.samples += samples
+        if seconds is not None:
+            self.timed_seconds += seconds
+            self.timed += 1
+
+    def read(self) -> tuple[float, int, int]:
+        """(summed loss x samples, correct predictions, non-finite scores); waits for the device."""
+        start = time.perf_counter()
+        stats = torch.stack(self.stats).cpu().double()
+        self.timed_seconds += time.perf_counter() - start
+        batch = self.samples // len(self.stats)
+        return float(stats[:, 0].sum()) * batch, int(stats[:, 1].sum()), int(stats[:, 2].sum())
 
     def line(self, phase: str, it: int, nbatches: int, epoch: int, print_time: bool) -> str:
-        ms = 1000 * self.seconds / self.iterations if print_time else -1
-        loss, accuracy = self.loss / self.samples, self.correct / self.samples
+        loss_sum, correct, non_finite = self.read()
+        if non_finite:
+            first = it - len(self.stats) + 1
+            raise DivergedError(f"it {first}-{it} of epoch {epoch}: the scores are not finite (--learning-rate?)")
+        ms = 1000 * self.timed_seconds / self.timed if print_time and self.timed else -1  # -1: not measured
         return (
             f"Finished {phase} it {it}/{nbatches} of epoch {epoch}, {ms:.2f} ms/it, "
-            f"loss {loss:.6f}, accuracy {100 * accuracy:3.3f} %"
+            f"loss {loss_sum / self.samples:.6f}, accuracy {100 * correct / self.samples:3.3f} %"
         )
 
 
-def peak_memory_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLoader) -> None:
-    loss_fn = make_loss(args.loss_function, args.loss_weights)
+def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLoader, backend: Backend) -> None:
     training = not args.inference_only
     if training:
         for table in model.embeddings:
-            table.set_optimizer(SparseOptimizer(args.optimizer, args.learning_rate))
-        DenseOptimizer(model.dense_parameters(), args.optimizer, args.learning_rate)  # hooks onto the parameters
-    precision = torch.autocast("cpu", dtype=torch.bfloat16) if args.data_type == "bf16" else contextlib.nullcontext()
+            table.set_optimizer(args.optimizer, args.learning_rate)
+        optimizer = backend.dense_optimizer(model.dense_parameters(), args.optimizer, args.learning_rate)
+    model.dense_path = backend.compile(model.dense_path)
+    warmup = backend.warmup_iterations if backend.lazy else 0
     phase = "training" if training else "inference"
     nbatches = len(loader)
-    replayed = next(iter(loader)) if args.measure_perf else None
+    replayed = backend.to_device(next(iter(loader))) if args.measure_perf else None
 
     print("time/loss/accuracy (if enabled):")
+    iteration, warmup_seconds = 0, 0.0
     with torch.set_grad_enabled(training):
         for epoch in range(args.nepochs):
             window = Window()
@@ -596,20 +636,27 @@ def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLo
                     print(f"Breaking out of the epoch as  batch was partial. Number of samples: {batch.dense.size(0)}")
                     break
                 start = time.perf_counter()
-                with precision:
-                    scores = model(batch.dense, batch.bags).float()
-                if not torch.isfinite(scores).all():
-                    raise DivergedError(f"it {j + 1} of epoch {epoch}: the scores are not finite (--learning-rate?)")
-                loss = loss_fn(scores, batch.targets)
+                batch = backend.to_device(batch)
+                scores, loss, stats = model(batch.dense, batch.bags, batch.targets)
                 if training:
-                    loss.backward()  # the sparse and the dense optimizers both update inside backward
-                window.add(loss, scores, batch.targets, time.perf_counter() - start)
+                    loss.backward()  # the sparse updates, and on CPU and CUDA the dense ones, happen in here
+                    optimizer.step()
+                backend.mark_step()
+                iteration += 1
+                if iteration == warmup:
+                    backend.synchronize()
+                seconds = time.perf_counter() - start
+                window.add(stats, batch.dense.size(0), seconds if iteration > warmup else None)
+                if iteration <= warmup:
+                    warmup_seconds += seconds
+                if iteration == warmup:
+                    print(f"Lazy mode: the first {warmup} it compiled the graphs in {warmup_seconds:.1f} s (not in ms/it)")
                 if args.debug_mode:
                     print(f"batch {j}: dense {batch.dense}\ntargets {batch.targets.view(-1)}\nscores {scores.view(-1)}")
                 if (j + 1) % args.print_freq == 0 or j + 1 == nbatches:
                     print(window.line(phase, j + 1, nbatches, epoch, args.print_time), flush=True)
                     if args.log_device_mem_alloc:
-                        print(f"Peak resident memory: {peak_memory_mb():.1f} MB")
+                        print(backend.memory_report())
                     window = Window()
 
 
@@ -644,22 +691,27 @@ def main(argv: list[str]) -> int:
     apply_environment(env, argv)
     if env:
         print("Environment from --config: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    try:
+        backend = select_backend(args.device, args.mode == "lazy", args.no_habana, args.use_gpu)
+    except DeviceUnavailable as e:
+        print(f"dlrm_s_pytorch.py: error: {e}", file=sys.stderr)
+        return 2
 
     np.set_printoptions(precision=args.print_precision)
     torch.set_printoptions(precision=args.print_precision)
     np.random.seed(args.numpy_rand_seed)
     torch.manual_seed(args.numpy_rand_seed)
-    print("Using CPU...")
+    print(backend.banner)
     if args.hmp_verbose:
         print(f"bf16 ops: {', '.join(sorted(BF16_OPS))}; fp32 ops: {', '.join(sorted(FP32_OPS))}")
 
-    loader = make_loader(args, sizes)
-    model = DLRM(sizes, args.arch_interaction_op, args.arch_interaction_itself, args.loss_threshold)
+    loader = make_loader(args, sizes, backend)
+    model = DLRM(args, sizes, backend.kernels).to(backend.device)
     if args.debug_mode:
         print(f"model sizes: {sizes}, torch threads: {torch.get_num_threads()}\n{model}")
     with profiling(args.enable_profiling):
         try:
-            train(args, model, loader)
+            train(args, model, loader, backend)
         except DivergedError as e:
             print(f"dlrm_s_pytorch.py: error: {e}", file=sys.stderr)
             return 1

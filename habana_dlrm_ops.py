@@ -1,4 +1,4 @@
-"""The custom embedding-bag op of the Habana DLRM port, and the optimizers that run inside backward.
+"""The custom embedding-bag op of the Habana DLRM port, its in-backward optimizers, and one backend per device.
 
 The original built this for Gaudi; the design is kept on every device:
 
@@ -7,24 +7,40 @@ The original built this for Gaudi; the design is kept on every device:
    sorted occurrence and where each distinct row's occurrences start. Everything lands in buffers of a fixed
    maximum size with valid counts, so shapes never change from batch to batch.
 2. ``EmbeddingBag``: the forward sums each bag's rows; the backward sums one gradient row per distinct index
-   and hands it to the table's ``SparseOptimizer``, which updates the table (and its Adagrad state) in place.
-   The table never holds a ``.grad``.
+   and the table's sparse SGD or Adagrad updates it (and its Adagrad state) in place. The table never holds
+   a ``.grad``.
 3. ``DenseOptimizer``: SGD or Adagrad for the MLPs, applied to each parameter as soon as autograd has its
    gradient, so the MLPs' gradients never all exist at once.
+4. ``Backend``: what differs between the CPU, a CUDA GPU and a Gaudi card (where tensors live, the kernels,
+   the dense optimizer, what lazy mode compiles, ``mark_step``). ``select_backend`` picks one.
 
-Importing this module needs only torch; the Habana bridge is never required.
+Importing this module needs only torch; the Habana bridge is imported only when a Gaudi card is asked for.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+import os
+import resource
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor, nn
 
 OPTIMIZERS = ("sgd", "adagrad")
 ADAGRAD_EPS = 1e-10  # the original's sparse kernel and torch.optim.Adagrad's default
-DENSE_CHUNK = 1 << 20  # elements per step of the dense Adagrad update
+DENSE_CHUNK = 1 << 20  # elements per step of the eager dense Adagrad update on the CPU
+INDEX = torch.int32  # the Habana kernels take int32 indices; torch's kernels accept them too
+
+
+class DeviceUnavailable(Exception):
+    """The device asked for is not on this machine."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host-side preprocessing
+# ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -36,68 +52,105 @@ class BagBatch:
     unique_indices: Tensor  # [capacity] the distinct rows, ascending
     sorted_bags: Tensor  # [capacity] the bag of each occurrence, occurrences sorted by row
     unique_starts: Tensor  # [capacity + 1] where each distinct row's occurrences start in ``sorted_bags``
+    valid_counts: Tensor  # [5] batch + 1, num_indices, num_unique + 1, num_indices, num_unique (the Habana kernels')
     num_indices: int
     num_unique: int
 
+    def to(self, device: torch.device, non_blocking: bool = False) -> BagBatch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
-def preprocess_bags(indices: Tensor, offsets: Tensor, batch_size: int, capacity: int) -> BagBatch:
+    def pin_memory(self) -> BagBatch:  # called by the DataLoader's pin_memory thread
+        return self._map(Tensor.pin_memory)
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> BagBatch:
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{name: fn(t) for name, t in tensors.items() if isinstance(t, Tensor)})
+
+
+# (indices [n], bag bounds [bags + 1]) -> (distinct rows ascending [u], bag of each sorted occurrence [n],
+# each distinct row's first occurrence in that order, then n [u + 1])
+RowGrouper = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+def group_rows(indices: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The rows a batch touches, each once, with its occurrences: a full sort, so de-duplication is exact."""
+    bag_of_index = torch.repeat_interleave(torch.arange(bounds.numel() - 1, dtype=INDEX), bounds.diff())
+    sorted_indices, order = torch.sort(indices, stable=True)
+    unique_indices, counts = torch.unique_consecutive(sorted_indices, return_counts=True)
+    unique_starts = torch.cat([torch.zeros(1, dtype=INDEX), torch.cumsum(counts, 0, dtype=INDEX)])
+    return unique_indices, bag_of_index[order], unique_starts
+
+
+def preprocess_bags(
+    indices: Tensor, offsets: Tensor, batch_size: int, capacity: int, group: RowGrouper = group_rows
+) -> BagBatch:
     """Build a table's ``BagBatch`` from its bags: ``offsets`` holds each bag's start in ``indices``.
 
-    Bags past ``len(offsets)`` (a partial batch) are empty. De-duplication is exact: every distinct row appears
-    once in ``unique_indices``, whatever its value.
+    Bags past ``len(offsets)`` (a partial batch) are empty. ``group`` finds the distinct rows.
     """
     num_bags, num_indices = offsets.numel(), indices.numel()
     if num_indices > capacity:
         raise ValueError(f"a batch holds {num_indices} lookups into one table, more than the buffer's {capacity}")
     if num_bags > batch_size:
         raise ValueError(f"a batch holds {num_bags} bags, more than the buffer's {batch_size}")
-    indices = indices.to(torch.int64)
-    bounds = torch.cat([offsets.to(torch.int64), torch.tensor([num_indices])])
-    bag_of_index = torch.repeat_interleave(torch.arange(num_bags), bounds.diff())
-    sorted_indices, order = torch.sort(indices, stable=True)
-    unique_indices, counts = torch.unique_consecutive(sorted_indices, return_counts=True)
+    indices = indices.to(INDEX)
+    bounds = torch.cat([offsets.to(INDEX), torch.tensor([num_indices], dtype=INDEX)])
+    unique_indices, sorted_bags, unique_starts = group(indices, bounds)
     num_unique = unique_indices.numel()
 
     batch = BagBatch(
-        indices=torch.zeros(capacity, dtype=torch.int64),
-        offsets=torch.full((batch_size + 1,), num_indices, dtype=torch.int64),
-        unique_indices=torch.zeros(capacity, dtype=torch.int64),
-        sorted_bags=torch.zeros(capacity, dtype=torch.int64),
-        unique_starts=torch.full((capacity + 1,), num_indices, dtype=torch.int64),
+        indices=torch.zeros(capacity, dtype=INDEX),
+        offsets=torch.full((batch_size + 1,), num_indices, dtype=INDEX),
+        unique_indices=torch.zeros(capacity, dtype=INDEX),
+        sorted_bags=torch.zeros(capacity, dtype=INDEX),
+        unique_starts=torch.full((capacity + 1,), num_indices, dtype=INDEX),
+        valid_counts=torch.tensor(
+            [batch_size + 1, num_indices, num_unique + 1, num_indices, num_unique], dtype=INDEX
+        ),
         num_indices=num_indices,
         num_unique=num_unique,
     )
     batch.indices[:num_indices] = indices
     batch.offsets[:num_bags] = bounds[:-1]
     batch.unique_indices[:num_unique] = unique_indices
-    batch.sorted_bags[:num_indices] = bag_of_index[order]
-    batch.unique_starts[0] = 0
-    batch.unique_starts[1 : num_unique + 1] = torch.cumsum(counts, 0)
+    batch.sorted_bags[:num_indices] = sorted_bags
+    batch.unique_starts[: num_unique + 1] = unique_starts
     return batch
 
 
-class SparseOptimizer:
-    """SGD or Adagrad on the rows of an embedding table that a batch touched, in place.
+# ---------------------------------------------------------------------------------------------------------
+# The embedding op
+# ---------------------------------------------------------------------------------------------------------
 
-    Adagrad: ``state[r] += g**2; w[r] -= lr * g / (sqrt(state[r]) + 1e-10)``, the math of
-    ``torch.optim.Adagrad(eps=1e-10)``; SGD: ``w[r] -= lr * g``. ``g`` is the row's gradient summed over
-    every occurrence in the batch.
-    """
 
-    def __init__(self, name: str, lr: float) -> None:
-        if name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {name!r}")
-        self.name, self.lr = name, lr
+class TorchKernels:
+    """The op's three kernels in torch ops, reading only the valid prefixes: the CPU and CUDA backends."""
 
-    def initial_state(self, weight: Tensor) -> Tensor | None:
-        return torch.zeros_like(weight) if self.name == "adagrad" else None
+    def bag_sum(self, weight: Tensor, bags: BagBatch) -> Tensor:
+        return nn.functional.embedding_bag(
+            bags.indices[: bags.num_indices], weight, bags.offsets, mode="sum", include_last_offset=True
+        )
 
-    def update(self, weight: Tensor, state: Tensor | None, rows: Tensor, grads: Tensor) -> None:
-        if self.name == "adagrad":
-            state.index_add_(0, rows, grads * grads)
-            std = state.index_select(0, rows).sqrt_().add_(ADAGRAD_EPS)
+    def row_grads(self, grad_output: Tensor, bags: BagBatch) -> Tensor:
+        # Summing grad_output's rows over each distinct row's occurrences is itself a sum-pooled bag lookup.
+        return nn.functional.embedding_bag(
+            bags.sorted_bags[: bags.num_indices],
+            grad_output,
+            bags.unique_starts[: bags.num_unique + 1],
+            mode="sum",
+            include_last_offset=True,
+        )
+
+    def sparse_update(
+        self, name: str, lr: float, weight: Tensor, moments: Tensor | None, bags: BagBatch, grads: Tensor
+    ) -> None:
+        """SGD ``w[r] -= lr * g`` or Adagrad ``m[r] += g**2; w[r] -= lr * g / (sqrt(m[r]) + 1e-10)``."""
+        rows = bags.unique_indices[: bags.num_unique]
+        if name == "adagrad":
+            moments.index_add_(0, rows, grads * grads)
+            std = moments.index_select(0, rows).sqrt_().add_(ADAGRAD_EPS)
             grads = grads / std
-        weight.index_add_(0, rows, grads, alpha=-self.lr)
+        weight.index_add_(0, rows, grads, alpha=-lr)
 
 
 class _EmbeddingBagSum(torch.autograd.Function):
@@ -106,43 +159,38 @@ class _EmbeddingBagSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: Tensor, bags: BagBatch, table: EmbeddingBag) -> Tensor:
         ctx.bags, ctx.table = bags, table
-        return nn.functional.embedding_bag(
-            bags.indices[: bags.num_indices], weight, bags.offsets, mode="sum", include_last_offset=True
-        )
+        return table.kernels.bag_sum(weight, bags)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[None, None, None]:
         bags, table = ctx.bags, ctx.table
-        # Summing grad_output's rows over each distinct row's occurrences is itself a sum-pooled bag lookup.
-        row_grads = nn.functional.embedding_bag(
-            bags.sorted_bags[: bags.num_indices],
-            grad_output.to(table.weight.dtype).contiguous(),
-            bags.unique_starts[: bags.num_unique + 1],
-            mode="sum",
-            include_last_offset=True,
-        )
-        table.apply_update(bags.unique_indices[: bags.num_unique], row_grads)
+        row_grads = table.kernels.row_grads(grad_output.to(table.weight.dtype).contiguous(), bags)
+        table.apply_update(bags, row_grads)
         return None, None, None
 
 
 class EmbeddingBag(nn.Module):
     """An embedding table with sum pooling whose training update happens inside backward."""
 
-    def __init__(self, weight: Tensor) -> None:
+    def __init__(self, weight: Tensor, kernels: TorchKernels | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)
-        self.optimizer: SparseOptimizer | None = None
+        self.kernels = kernels or TorchKernels()
+        self.optimizer: tuple[str, float] | None = None
         self.register_buffer("moments", None)
 
-    def set_optimizer(self, optimizer: SparseOptimizer) -> None:
-        self.optimizer = optimizer
-        self.moments = optimizer.initial_state(self.weight.detach())
+    def set_optimizer(self, name: str, lr: float) -> None:
+        """SGD or Adagrad (the state starts at zero) on the rows each batch touches."""
+        if name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r}")
+        self.optimizer = name, lr
+        self.moments = torch.zeros_like(self.weight.detach()) if name == "adagrad" else None
 
     @torch.no_grad()
-    def apply_update(self, rows: Tensor, grads: Tensor) -> None:
+    def apply_update(self, bags: BagBatch, row_grads: Tensor) -> None:
         if self.optimizer is None:
             raise RuntimeError("backward through an EmbeddingBag that has no optimizer")
-        self.optimizer.update(self.weight, self.moments, rows, grads)
+        self.kernels.sparse_update(*self.optimizer, self.weight, self.moments, bags, row_grads)
 
     def forward(self, bags: BagBatch) -> Tensor:
         return _EmbeddingBagSum.apply(self.weight, bags, self)
@@ -152,32 +200,252 @@ class EmbeddingBag(nn.Module):
         return f"{rows}, {dim}, mode=sum"
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Dense optimizers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def adagrad_update(weight: Tensor, grad: Tensor, state_sum: Tensor, lr: float) -> None:
+    """One Adagrad step in place, element by element as ``torch.optim.Adagrad(eps=1e-10)`` computes it."""
+    state_sum.addcmul_(grad, grad, value=1)
+    std = state_sum.sqrt().add_(ADAGRAD_EPS)
+    weight.addcdiv_(grad, std, value=-lr)
+
+
 class DenseOptimizer:
     """SGD or Adagrad (torch's math, eps 1e-10) applied to each parameter inside backward.
 
     A parameter is updated the moment autograd has accumulated its gradient, and the gradient is dropped
     right after, so only one layer's gradient exists at a time. The result equals ``torch.optim.SGD`` /
     ``torch.optim.Adagrad`` stepping after backward, because no parameter's value is read by autograd after its
-    own gradient is ready.
+    own gradient is ready. Eager Adagrad runs in ``chunk``-element pieces so its temporary stays small;
+    ``compiled`` fuses the whole update into one pass with no temporary.
     """
 
-    def __init__(self, params: list[nn.Parameter], name: str, lr: float) -> None:
+    def __init__(
+        self, params: list[nn.Parameter], name: str, lr: float, chunk: int | None = DENSE_CHUNK, compiled: bool = False
+    ) -> None:
         if name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r}")
         self.name, self.lr = name, lr
+        self.chunk = None if compiled else chunk
+        self.adagrad = torch.compile(adagrad_update, dynamic=True) if compiled else adagrad_update
         self.state = {p: torch.zeros_like(p) for p in params} if name == "adagrad" else {}
         self._hooks = [p.register_post_accumulate_grad_hook(self._update) for p in params]
+
+    def step(self) -> None:
+        """Nothing is left to do after backward: every parameter was updated as its gradient arrived."""
 
     @torch.no_grad()
     def _update(self, param: nn.Parameter) -> None:
         grad = param.grad
         if self.name == "adagrad":
-            # In chunks, so the temporary ``std`` stays small; the math is element by element, as torch's.
+            size = self.chunk or param.numel()
             flat = (param.view(-1), grad.reshape(-1), self.state[param].view(-1))
-            for weight, g, state_sum in zip(*(t.split(DENSE_CHUNK) for t in flat), strict=True):
-                state_sum.addcmul_(g, g, value=1)
-                std = state_sum.sqrt().add_(ADAGRAD_EPS)
-                weight.addcdiv_(g, std, value=-self.lr)
+            for weight, g, state_sum in zip(*(t.split(size) for t in flat), strict=True):
+                self.adagrad(weight, g, state_sum, self.lr)
         else:
             param.add_(grad, alpha=-self.lr)
         param.grad = None
+
+
+class StepAfterBackward:
+    """A ``torch.optim`` optimizer stepped after backward, as the original did on Gaudi."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Backend:
+    """The CPU: the interface every device implements, and torch's kernels.
+
+    Lazy mode compiles the dense path (``compile``) and, on the CPU and CUDA, the dense Adagrad update;
+    ``mark_step`` ends each iteration in the loop on every device, but only Gaudi and CUDA graphs need it.
+    """
+
+    device_type = "cpu"
+    banner = "Using CPU..."
+    pin_memory = False  # the loader pins batches for asynchronous copies
+    dense_chunk: int | None = DENSE_CHUNK
+    compile_options: dict = {}
+    warmup_iterations = 1  # lazy mode: iterations that compile, kept out of ms/it
+
+    def __init__(self, lazy: bool) -> None:
+        self.lazy = lazy
+        self.device = torch.device(self.device_type)
+        self.kernels = TorchKernels()
+
+    def group_rows(self, indices: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return group_rows(indices, bounds)
+
+    def to_device(self, batch):  # a batch of the script's, or a BagBatch: anything with .to()
+        return batch.to(self.device, non_blocking=self.pin_memory)
+
+    def compile(self, fn: Callable) -> Callable:
+        return torch.compile(fn, fullgraph=True, dynamic=False, **self.compile_options) if self.lazy else fn
+
+    def dense_optimizer(self, params: list[nn.Parameter], name: str, lr: float) -> DenseOptimizer | StepAfterBackward:
+        return DenseOptimizer(params, name, lr, chunk=self.dense_chunk, compiled=self.lazy)
+
+    def mark_step(self) -> None:
+        """The end of an iteration; nothing to do on the CPU."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work; the CPU has none."""
+
+    def memory_report(self) -> str:
+        return f"Peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} MB"
+
+
+class CUDABackend(Backend):
+    """An NVIDIA GPU: torch's kernels there, pinned batches copied asynchronously, and in lazy mode the dense
+    path compiled into CUDA graphs (its shapes are static: the batch and the pooled embeddings have fixed sizes).
+    """
+
+    device_type = "cuda"
+    banner = "Using GPU..."
+    pin_memory = True
+    dense_chunk = None  # memory is not short, kernel launches are
+    compile_options = {"mode": "reduce-overhead"}
+    warmup_iterations = 3  # compile, record the graphs, first replay
+
+    def mark_step(self) -> None:
+        if self.lazy:  # the next iteration may overwrite the graphs' outputs
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def memory_report(self) -> str:
+        return f"Peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.1f} MB"
+
+
+class HPUKernels(TorchKernels):
+    """The op's kernels as the original called them on Gaudi (``habana_frameworks.torch.hpex``)."""
+
+    def __init__(self, bag_kernels, sparse_adagrad, sparse_sgd) -> None:
+        self.bag_kernels, self.sparse_adagrad, self.sparse_sgd = bag_kernels, sparse_adagrad, sparse_sgd
+        self.grad_buffers: dict[tuple, Tensor] = {}
+        self.lr_tensors: dict[tuple, Tensor] = {}
+
+    def bag_sum(self, weight: Tensor, bags: BagBatch) -> Tensor:
+        return self.bag_kernels.forward(weight, bags.indices, bags.offsets, bags.valid_counts[0:2], 1)
+
+    def row_grads(self, grad_output: Tensor, bags: BagBatch) -> Tensor:
+        """Coalesced gradients written into a reused buffer; rows past ``num_unique`` are stale."""
+        key = (bags.indices.numel(), grad_output.size(1), grad_output.dtype, grad_output.device)
+        if key not in self.grad_buffers:
+            self.grad_buffers[key] = grad_output.new_zeros(key[0], key[1])
+        buffer = self.grad_buffers[key]
+        self.bag_kernels.backward(buffer, grad_output, bags.sorted_bags, bags.unique_starts, bags.valid_counts[2:4], 1)
+        return buffer
+
+    def sparse_update(
+        self, name: str, lr: float, weight: Tensor, moments: Tensor | None, bags: BagBatch, grads: Tensor
+    ) -> None:
+        key = (lr, weight.device)
+        if key not in self.lr_tensors:
+            self.lr_tensors[key] = torch.tensor([lr], device=weight.device)
+        if name == "adagrad":
+            kernel, state = self.sparse_adagrad, moments
+        else:  # the SGD kernel's signature has a moments argument it leaves alone: one row stands in
+            kernel, state = self.sparse_sgd, weight.new_zeros(1, weight.size(1))
+        kernel.forward(grads, weight, state, bags.unique_indices, self.lr_tensors[key], bags.valid_counts[4:5])
+
+
+class HPUBackend(Backend):
+    """A Gaudi card through the Habana bridge: the hpex kernels, ``FusedAdagrad``, and lazy mode's ``mark_step``.
+
+    Lazy mode is the bridge's own graph mode (``PT_HPU_LAZY_MODE=1``, set before the bridge is imported), so
+    nothing is compiled here.
+    """
+
+    device_type = "hpu"
+    banner = "Using HPU..."
+    dense_chunk = None
+
+    def __init__(self, lazy: bool) -> None:
+        super().__init__(lazy)
+        self.core = importlib.import_module("habana_frameworks.torch.core")
+        self.hpu = importlib.import_module("habana_frameworks.torch.hpu")
+        hpex = "habana_frameworks.torch.hpex"
+        self.preproc = importlib.import_module(f"{hpex}.kernels.EmbeddingBagPreproc")
+        self.optimizers = importlib.import_module(f"{hpex}.optimizers")
+        self.kernels = HPUKernels(
+            importlib.import_module(f"{hpex}.kernels.EmbeddingBag"),
+            importlib.import_module(f"{hpex}.optimizers.SparseAdagrad"),
+            importlib.import_module(f"{hpex}.optimizers.SparseSGD"),
+        )
+
+    def group_rows(self, indices: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # The radix sort looks at as many 11-bit digits as the largest index needs: the original passed 4 here.
+        largest = int(indices.max()) if indices.numel() else 0
+        count, unique_indices, sorted_bags, unique_starts = self.preproc.forward(indices, bounds, largest)
+        num_unique = int(count[0])
+        return unique_indices[:num_unique], sorted_bags, unique_starts[: num_unique + 1]
+
+    def compile(self, fn: Callable) -> Callable:
+        return fn
+
+    def dense_optimizer(self, params: list[nn.Parameter], name: str, lr: float) -> StepAfterBackward:
+        if name == "adagrad":
+            return StepAfterBackward(self.optimizers.FusedAdagrad(params, lr=lr, eps=ADAGRAD_EPS))
+        return StepAfterBackward(torch.optim.SGD(params, lr=lr))
+
+    def mark_step(self) -> None:
+        if self.lazy:
+            self.core.mark_step()
+
+    def synchronize(self) -> None:
+        self.hpu.synchronize()
+
+    def memory_report(self) -> str:
+        return f"Peak HPU memory: {self.hpu.max_memory_allocated() / 2**20:.1f} MB"
+
+
+def _habana_bridge(lazy: bool) -> bool:
+    """Import the Habana bridge with ``PT_HPU_LAZY_MODE`` set from the mode; whether a card is there."""
+    previous = os.environ.get("PT_HPU_LAZY_MODE")
+    os.environ["PT_HPU_LAZY_MODE"] = "1" if lazy else "0"
+    try:
+        importlib.import_module("habana_frameworks.torch.core")
+        return bool(importlib.import_module("habana_frameworks.torch.hpu").is_available())
+    except ImportError:
+        if previous is None:
+            del os.environ["PT_HPU_LAZY_MODE"]
+        else:
+            os.environ["PT_HPU_LAZY_MODE"] = previous
+        return False
+
+
+def select_backend(device: str, lazy: bool, no_habana: bool = False, use_gpu: bool = False) -> Backend:
+    """``device`` is auto, cpu, cuda or hpu; auto takes a Gaudi card, else a GPU, else the CPU.
+
+    ``no_habana`` (``--no-habana``) rules the Gaudi card out and ``use_gpu`` (``--use-gpu``) asks for the GPU,
+    as in the original.
+    """
+    flag = f"--device {device}"
+    if device == "auto" and use_gpu:
+        device, flag = "cuda", "--use-gpu"
+    if device == "auto":
+        if not no_habana and _habana_bridge(lazy):
+            return HPUBackend(lazy)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "hpu":
+        if not _habana_bridge(lazy):
+            raise DeviceUnavailable(f"{flag}: no Gaudi card here (habana_frameworks.torch does not import)")
+        return HPUBackend(lazy)
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(f"{flag}: no CUDA GPU here (torch.cuda.is_available() is False)")
+        return CUDABackend(lazy)
+    return Backend(lazy)

@@ -8,6 +8,7 @@ import torch
 from conftest import ROOT, finished_lines, run_script
 
 import dlrm_s_pytorch
+import habana_dlrm_ops
 
 SMALL = ["--config", str(ROOT / "hb_configs" / "small.yaml")]
 TINY = ["--arch-embedding-size=20-30", "--arch-mlp-bot=3-4-2", "--arch-mlp-top=4-1", "--mini-batch-size=8"]
@@ -81,9 +82,6 @@ BAD_INPUTS = {
     "one loss weight": (["--loss-weights=1.0"], "argument --loss-weights: expected two numbers"),
     "measure-perf without batches": (["--measure-perf"], "--measure-perf: needs --num-batches > 0"),
     "unknown flag": (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    "lazy mode not yet": (["--mode=lazy"], "--mode lazy is not available yet"),
-    "lazy alias not yet": (["--run-lazy-mode"], "--mode lazy is not available yet"),
-    "cuda not yet": (["--device=cuda"], "--device is not available yet"),
     "dataset not yet": (["--data-generation=dataset"], "--data-generation is not available yet"),
     "save-model not yet": (["--save-model=m.pt"], "--save-model is not available yet"),
     "distributed not yet": (["--distributed"], "--distributed is not available yet"),
@@ -197,7 +195,7 @@ def test_bf16_with_the_original_op_lists(tmp_path) -> None:
 def test_bf16_runs_matrix_products_in_bf16_and_keeps_the_rest_fp32() -> None:
     args, sizes, _ = dlrm_s_pytorch.parse_command_line([*TINY, "--arch-interaction-op=dot", "-d", "bf16"])
     args.optimizer, args.num_batches = "adagrad", 2
-    model = dlrm_s_pytorch.DLRM(sizes, "dot", False, 0.0)
+    model = dlrm_s_pytorch.DLRM(args, sizes)
     seen = {}
 
     def record_output_dtype(name: str):
@@ -208,7 +206,8 @@ def test_bf16_runs_matrix_products_in_bf16_and_keeps_the_rest_fp32() -> None:
 
     for name, module in [("bottom", model.bottom_mlp[0]), ("top", model.top_mlp[0]), ("table", model.embeddings[0])]:
         module.register_forward_hook(record_output_dtype(name))
-    dlrm_s_pytorch.train(args, model, dlrm_s_pytorch.make_loader(args, sizes))
+    backend = habana_dlrm_ops.Backend(lazy=False)
+    dlrm_s_pytorch.train(args, model, dlrm_s_pytorch.make_loader(args, sizes, backend), backend)
     assert seen == dict(bottom=torch.bfloat16, top=torch.bfloat16, table=torch.float32)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert {t.moments.dtype for t in model.embeddings} == {torch.float32}
@@ -244,23 +243,18 @@ def readme_command_lines() -> list[list[str]]:
     return [line.split()[2:] for line in lines if line.startswith("python dlrm_s_pytorch.py ")]
 
 
-def test_readme_command_lines_parse_as_documented(capsys) -> None:
-    """The original README's two commands: the eager one is accepted; the lazy one says it is not available yet."""
+def test_readme_command_lines_parse_as_documented() -> None:
+    """The original README's two commands: lazy bf16 and eager fp32, on the medium model."""
     commands = [argv for argv in readme_command_lines() if "--world_size" in argv]
     assert len(commands) == 2
-    lazy, eager = commands
-    assert dlrm_s_pytorch.main(lazy) == 2
-    assert "--mode lazy is not available yet" in capsys.readouterr().err
-    args, sizes, _ = dlrm_s_pytorch.parse_command_line(eager)
-    assert (sizes.tables, sizes.top[0], args.optimizer, args.data_type) == ([3000000], 128, "adagrad", "fp32")
+    parsed = [dlrm_s_pytorch.parse_command_line(argv) for argv in commands]
+    assert [(args.mode, args.data_type) for args, _, _ in parsed] == [("lazy", "bf16"), ("eager", "fp32")]
+    for args, sizes, _ in parsed:
+        assert (sizes.tables, sizes.top[0], args.optimizer) == ([3000000], 128, "adagrad")
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "hb_configs").glob("*.yaml")))
-def test_every_shipped_config_parses(config: str, capsys) -> None:
-    argv = ["--config", str(ROOT / "hb_configs" / config)]
-    if "_lazy_" in config:  # lazy mode arrives with the device backends
-        assert dlrm_s_pytorch.main(argv) == 2
-        assert "--mode lazy is not available yet" in capsys.readouterr().err
-    else:
-        args, sizes, env = dlrm_s_pytorch.parse_command_line(argv)
-        assert args.mode in ("eager", "custom") and args.print_time and sizes.top[-1] == 1
+def test_every_shipped_config_parses(config: str) -> None:
+    args, sizes, env = dlrm_s_pytorch.parse_command_line(["--config", str(ROOT / "hb_configs" / config)])
+    assert args.mode == ("lazy" if "_lazy_" in config else "custom")
+    assert args.print_time and sizes.top[-1] == 1

@@ -4,7 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from habana_dlrm_ops import DenseOptimizer, EmbeddingBag, SparseOptimizer, preprocess_bags
+from habana_dlrm_ops import DenseOptimizer, EmbeddingBag, preprocess_bags
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 # 1e-6, relative for values above 1: a row's gradient sums many occurrences, and float32 sums in another order
 # differ by a few ulps (both implementations are equally close to a float64 computation).
@@ -30,11 +33,14 @@ def random_bags(gen: torch.Generator, rows: int, batch: int, largest: int, fixed
     return indices, offsets
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
 @pytest.mark.parametrize("fixed", [False, True])
 @pytest.mark.parametrize("rows", [1, 7, 300, 5000])
-def test_op_matches_nn_embedding_bag_over_steps(rows: int, fixed: bool, optimizer: str, dtype: torch.dtype) -> None:
+def test_op_matches_nn_embedding_bag_over_steps(
+    rows: int, fixed: bool, optimizer: str, dtype: torch.dtype, device: str
+) -> None:
     """Forward, coalesced backward and in-backward update, five steps, against nn.EmbeddingBag + torch.optim.
 
     In float64 the comparison sees only the algorithm. In float32 a one-row table sums ~100 occurrences a step
@@ -45,17 +51,17 @@ def test_op_matches_nn_embedding_bag_over_steps(rows: int, fixed: bool, optimize
     gen = torch.Generator().manual_seed(rows * 10 + fixed)
     dim, batch, largest, lr = 8, 16, 6, 0.5
     initial = torch.randn(rows, dim, generator=gen, dtype=dtype)
-    ours = EmbeddingBag(initial.clone())
-    ours.set_optimizer(SparseOptimizer(optimizer, lr))
-    reference = nn.EmbeddingBag(rows, dim, mode="sum", dtype=dtype)
+    ours = EmbeddingBag(initial.clone()).to(device)
+    ours.set_optimizer(optimizer, lr)
+    reference = nn.EmbeddingBag(rows, dim, mode="sum", dtype=dtype, device=device)
     reference.weight.data.copy_(initial)
     ref_opt = reference_optimizer(optimizer, reference.parameters(), lr)
 
     for _ in range(5):
         indices, offsets = random_bags(gen, rows, batch, largest, fixed)
-        upstream = torch.randn(batch, dim, generator=gen, dtype=dtype) / batch  # a linear loss, mean-scaled
-        out = ours(preprocess_bags(indices, offsets, batch, largest * batch))
-        expected = reference(indices, offsets)
+        upstream = (torch.randn(batch, dim, generator=gen, dtype=dtype) / batch).to(device)  # a linear loss
+        out = ours(preprocess_bags(indices, offsets, batch, largest * batch).to(device))
+        expected = reference(indices.to(device), offsets.to(device))
         torch.testing.assert_close(out, expected, **TOLERANCE)
         (out * upstream).sum().backward()
         ref_opt.zero_grad()
@@ -76,7 +82,7 @@ def test_same_index_in_two_tables_of_one_batch(optimizer: str) -> None:
     ours = [EmbeddingBag(w.clone()) for w in starts]
     refs = [nn.EmbeddingBag(rows, dim, mode="sum") for _ in range(2)]
     for table, ref, w in zip(ours, refs, starts, strict=True):
-        table.set_optimizer(SparseOptimizer(optimizer, lr))
+        table.set_optimizer(optimizer, lr)
         ref.weight.data.copy_(w)
     ref_opt = reference_optimizer(optimizer, [p for r in refs for p in r.parameters()], lr)
     for _ in range(3):

@@ -1,0 +1,27 @@
+"""``embedding_bag_sum_fwd`` / ``_bwd`` with kernel mode 1 (sum-pooled bags), reading only the valid prefixes."""
+
+import torch
+from habana_frameworks.torch import record
+
+
+def _groups(starts: torch.Tensor) -> torch.Tensor:
+    """The group of each element, from the groups' start positions (and the end)."""
+    return torch.repeat_interleave(torch.arange(starts.numel() - 1), (starts[1:] - starts[:-1]).long())
+
+
+def forward(weights, indices, offsets, valid_count, kernel_mode):
+    record("EmbeddingBag.forward", valid_count=valid_count.tolist(), kernel_mode=kernel_mode, dtype=indices.dtype)
+    assert kernel_mode == 1
+    num_offsets, num_indices = valid_count.tolist()
+    bags = offsets[:num_offsets]
+    out = weights.new_zeros(num_offsets - 1, weights.size(1))
+    return out.index_add_(0, _groups(bags), weights[indices[:num_indices].long()])
+
+
+def backward(weight_grad, grad_output, rows, row_offsets, valid_count, kernel_mode):
+    record("EmbeddingBag.backward", valid_count=valid_count.tolist(), kernel_mode=kernel_mode)
+    assert kernel_mode == 1
+    num_offsets, num_rows = valid_count.tolist()
+    groups = weight_grad[: num_offsets - 1]
+    groups.zero_().index_add_(0, _groups(row_offsets[:num_offsets]), grad_output[rows[:num_rows].long()])
+    return weight_grad

@@ -1,0 +1,228 @@
+"""Device backends (SPEC §4, §5): device selection, lazy mode on the CPU, CUDA, and Gaudi through a test double."""
+
+import re
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, finished_lines, run_script
+
+import dlrm_s_pytorch
+import habana_dlrm_ops
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+
+TINY = ["--arch-embedding-size=20-3000-7", "--arch-sparse-feature-size=4", "--arch-mlp-bot=5-8-4"]
+TINY += ["--arch-mlp-top=12-6-1", "--mini-batch-size=16", "--num-indices-per-lookup=6", "--print-freq=1"]
+# lazy against eager: two models, each option used by one of them
+LAZY_CASES = {
+    "dot-adagrad": ["--arch-interaction-op=dot", "--optimizer=adagrad", "--learning-rate=0.05"],
+    "cat-sgd-wbce-clamp": ["--loss-function=wbce", "--loss-weights=0.7-1.3", "--loss-threshold=0.2", "--round-targets"],
+}
+# Lazy and eager sum in different orders; training amplifies the difference by about 10x every 4 iterations
+# with Adagrad (measured on hb_configs/small.yaml: 1e-6 at it 9, 1e-5 at it 16), so compare the first 8.
+LAZY_ITERATIONS = 8
+
+
+def losses(stdout: str) -> list[float]:
+    return [line["loss"] for line in finished_lines(stdout)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Choosing the device
+# ---------------------------------------------------------------------------------------------------------
+
+
+@NO_CUDA
+@pytest.mark.parametrize("argv", [["--device=cuda"], ["--use-gpu"]])
+def test_cuda_without_a_gpu_is_one_line_and_exit_2(argv: list[str], capsys) -> None:
+    assert dlrm_s_pytorch.main([*TINY, *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "no CUDA GPU here" in err and argv[0].split("=")[0] in err
+
+
+def test_hpu_without_the_bridge_is_one_line_and_exit_2(capsys) -> None:
+    assert dlrm_s_pytorch.main([*TINY, "--device=hpu"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "--device hpu: no Gaudi card here" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--use-gpu", "--device=cpu"], "--use-gpu: contradicts --device cpu"), (["--no-habana", "--device=hpu"], "--no-habana")],
+)
+def test_contradicting_device_flags_exit_2(argv: list[str], message: str, capsys) -> None:
+    assert dlrm_s_pytorch.main([*TINY, *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_auto_without_gpu_or_gaudi_is_the_cpu() -> None:
+    backend = habana_dlrm_ops.select_backend("auto", lazy=False)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert backend.device.type == expected
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lazy mode on the CPU: the dense path compiled
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", LAZY_CASES)
+def test_cpu_lazy_equals_eager(name: str) -> None:
+    argv = [*TINY, *LAZY_CASES[name], f"--num-batches={LAZY_ITERATIONS}", "--print-time"]
+    eager, lazy = run_script(*argv, "--device=cpu"), run_script(*argv, "--device=cpu", "--mode=lazy")
+    assert eager.returncode == lazy.returncode == 0, lazy.stderr
+    assert len(losses(lazy.stdout)) == LAZY_ITERATIONS
+    assert losses(lazy.stdout) == pytest.approx(losses(eager.stdout), abs=1e-5, rel=0)
+    assert "Lazy mode" not in eager.stdout
+    assert re.search(r"^Lazy mode: the first 1 it compiled the graphs in [\d.]+ s", lazy.stdout, re.M)
+    first, *others = [line["ms"] for line in finished_lines(lazy.stdout)]
+    assert first == -1 and min(others) > 0  # the compiling iteration is not in ms/it
+
+
+def test_cpu_lazy_bf16_measure_perf_stays_close_to_eager() -> None:
+    argv = [*TINY, "--num-batches=4", "-d", "bf16", "--measure-perf", "--optimizer=adagrad", "--learning-rate=0.01"]
+    eager, lazy = run_script(*argv), run_script(*argv, "--run-lazy-mode")
+    assert eager.returncode == lazy.returncode == 0, lazy.stderr
+    # bf16 rounds the matrix products' outputs, and fused code may round them at other points
+    assert losses(lazy.stdout) == pytest.approx(losses(eager.stdout), abs=2e-3)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_compiled_dense_optimizer_equals_torch_optim(optimizer: str) -> None:
+    torch.manual_seed(0)
+    ours, reference = (torch.nn.Linear(300, 7) for _ in range(2))
+    reference.load_state_dict(ours.state_dict())
+    habana_dlrm_ops.DenseOptimizer(list(ours.parameters()), optimizer, lr=0.05, compiled=True)
+    ref_opt = (torch.optim.Adagrad if optimizer == "adagrad" else torch.optim.SGD)(reference.parameters(), lr=0.05)
+    if optimizer == "adagrad":
+        ref_opt.param_groups[0]["eps"] = 1e-10
+    for _ in range(3):
+        x = torch.randn(10, 300)
+        ours(x).square().mean().backward()
+        ref_opt.zero_grad()
+        reference(x).square().mean().backward()
+        ref_opt.step()
+    for mine, theirs in zip(ours.parameters(), reference.parameters(), strict=True):
+        # compiled code divides by multiplying with a reciprocal: a few ulps apart, where eager is bit-exact
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@CUDA
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_cuda_equals_the_cpu(mode: str) -> None:
+    argv = [*TINY, *LAZY_CASES["dot-adagrad"], f"--num-batches={LAZY_ITERATIONS}", "--log-device-mem-alloc"]
+    cpu, gpu = run_script(*argv, "--device=cpu"), run_script(*argv, "--device=cuda", f"--mode={mode}")
+    assert cpu.returncode == gpu.returncode == 0, gpu.stderr
+    assert "Using GPU..." in gpu.stdout and re.search(r"^Peak GPU memory: [\d.]+ MB$", gpu.stdout, re.M)
+    assert losses(gpu.stdout) == pytest.approx(losses(cpu.stdout), abs=1e-5, rel=0)
+
+
+@CUDA
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_cuda_bf16_measure_perf_and_workers(mode: str) -> None:
+    argv = [*TINY, "--num-batches=6", "-d", "bf16", "--optimizer=adagrad", "--print-time"]
+    cpu = run_script(*argv, "--device=cpu")
+    gpu = run_script(*argv, "--device=cuda", f"--mode={mode}", "--num-workers=2")
+    perf = run_script(*argv, "--device=cuda", f"--mode={mode}", "--measure-perf")
+    assert cpu.returncode == gpu.returncode == perf.returncode == 0, gpu.stderr + perf.stderr
+    assert losses(gpu.stdout) == pytest.approx(losses(cpu.stdout), abs=2e-3)
+    assert len(losses(perf.stdout)) == 6
+
+
+@CUDA
+def test_cuda_medium_configuration_trains() -> None:
+    config = ROOT / "hb_configs" / "single_node_dlrm_lazy_medium_bf16.yaml"
+    result = run_script("--config", str(config), "--num-batches=6", "--print-freq=6", "--device=cuda")
+    assert result.returncode == 0, result.stderr
+    [line] = finished_lines(result.stdout)
+    assert 0.5 < line["loss"] < 1.0 and line["ms"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gaudi, through the test double in tests/fake_habana (no card here)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def habana(monkeypatch):
+    """The double on sys.path, imported fresh by the script; its "hpu" tensors live on the CPU."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "fake_habana"))
+    monkeypatch.setattr(habana_dlrm_ops.HPUBackend, "device_type", "cpu")
+    monkeypatch.setenv("PT_HPU_LAZY_MODE", "unset by the test")
+    monkeypatch.delenv("PT_HPU_LAZY_MODE")
+
+    def forget_the_bridge() -> None:
+        for name in [m for m in sys.modules if m.startswith("habana_frameworks")]:
+            del sys.modules[name]
+
+    forget_the_bridge()
+    yield lambda: sys.modules["habana_frameworks.torch"]
+    forget_the_bridge()
+
+
+def calls(bridge, name: str) -> list[dict]:
+    return [arguments for kernel, arguments in bridge.CALLS if kernel == name]
+
+
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_hpu_sets_lazy_mode_before_import_and_marks_each_step_once(habana, capsys, mode: str) -> None:
+    argv = [*TINY, "--num-batches=5", "--optimizer=adagrad", f"--mode={mode}"]
+    assert dlrm_s_pytorch.main(argv) == 0
+    out = capsys.readouterr().out
+    bridge = habana()
+    assert "Using HPU..." in out and len(finished_lines(out)) == 5
+    assert bridge.LAZY_MODE_AT_IMPORT == ("1" if mode == "lazy" else "0")
+    sequence = [kernel for kernel, _ in bridge.CALLS if kernel in ("FusedAdagrad.step", "mark_step")]
+    expected = ["FusedAdagrad.step", "mark_step"] if mode == "lazy" else ["FusedAdagrad.step"]
+    assert sequence == expected * 5  # once per iteration, after both optimizers; never in eager mode
+
+
+def test_hpu_kernels_get_the_documented_arguments(habana, capsys) -> None:
+    argv = [*TINY, "--num-batches=2", "--optimizer=adagrad", "--learning-rate=0.25", "--run-lazy-mode"]
+    assert dlrm_s_pytorch.main(argv) == 0
+    bridge = habana()
+    preprocs = calls(bridge, "EmbeddingBagPreproc.forward")
+    assert len(preprocs) == 3 * 2  # every table, every batch, in the loader
+    for call in preprocs:
+        indices, offsets = call["indices"], call["offsets"]
+        assert call["max_index"] == int(indices.max())  # the real largest index, not the original's 4
+        assert offsets.numel() == 16 + 1 and offsets[-1] == indices.numel()  # the trailing total
+    lookups = [call["indices"].numel() for call in preprocs]
+    distinct = [call["indices"].unique().numel() for call in preprocs]
+    forwards = calls(bridge, "EmbeddingBag.forward")
+    assert forwards == [dict(valid_count=[17, n], kernel_mode=1, dtype=torch.int32) for n in lookups]
+    # backward visits each batch's tables in reverse order
+    backwards = calls(bridge, "EmbeddingBag.backward")
+    expected = [dict(valid_count=[u + 1, n], kernel_mode=1) for n, u in zip(lookups, distinct, strict=True)]
+    assert backwards == expected[2::-1] + expected[:2:-1]
+    updates = calls(bridge, "SparseAdagrad.forward")
+    assert updates == [dict(valid_count=[u], lr=[0.25], dtype=torch.int32) for u in distinct[2::-1] + distinct[:2:-1]]
+    assert calls(bridge, "FusedAdagrad") == [dict(lr=0.25, eps=1e-10)]
+
+
+@pytest.mark.parametrize("optimizer, data_type", [("adagrad", "fp32"), ("sgd", "fp32"), ("adagrad", "bf16")])
+def test_hpu_training_equals_the_cpu_backend(habana, capsys, optimizer: str, data_type: str) -> None:
+    argv = [*TINY, "--num-batches=6", f"--optimizer={optimizer}", "--learning-rate=0.05", "-d", data_type]
+    assert dlrm_s_pytorch.main([*argv, "--device=cpu"]) == 0
+    on_cpu = capsys.readouterr().out
+    assert dlrm_s_pytorch.main([*argv, "--device=hpu", "--mode=lazy"]) == 0
+    on_hpu = capsys.readouterr().out
+    assert "Using CPU..." in on_cpu and "Using HPU..." in on_hpu
+    assert losses(on_hpu) == pytest.approx(losses(on_cpu), abs=1e-6, rel=0)
+    assert len(calls(habana(), "SparseSGD.forward" if optimizer == "sgd" else "SparseAdagrad.forward")) == 18
+
+
+def test_the_double_splits_rows_when_told_a_too_small_largest_index(habana) -> None:
+    """Why the largest index matters: the original's 4 sorts one 11-bit digit, and 5000 and 904 share it."""
+    from habana_frameworks.torch.hpex.kernels import EmbeddingBagPreproc
+
+    indices, offsets = torch.tensor([5000, 904, 5000], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32)
+    assert EmbeddingBagPreproc.forward(indices, offsets, 5000)[0].item() == 2
+    assert EmbeddingBagPreproc.forward(indices, offsets, 4)[0].item() == 3
