@@ -650,7 +650,8 @@ def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLo
                 if iteration <= warmup:
                     warmup_seconds += seconds
                 if iteration == warmup:
-                    print(f"Lazy mode: the first {warmup} it compiled the graphs in {warmup_seconds:.1f} s (not in ms/it)")
+                    compiled = f"the first {warmup} it compiled the graphs in {warmup_seconds:.1f} s"
+                    print(f"Lazy mode: {compiled} (not in ms/it)")
                 if args.debug_mode:
                     print(f"batch {j}: dense {batch.dense}\ntargets {batch.targets.view(-1)}\nscores {scores.view(-1)}")
                 if (j + 1) % args.print_freq == 0 or j + 1 == nbatches:

@@ -104,9 +104,7 @@ def preprocess_bags(
         unique_indices=torch.zeros(capacity, dtype=INDEX),
         sorted_bags=torch.zeros(capacity, dtype=INDEX),
         unique_starts=torch.full((capacity + 1,), num_indices, dtype=INDEX),
-        valid_counts=torch.tensor(
-            [batch_size + 1, num_indices, num_unique + 1, num_indices, num_unique], dtype=INDEX
-        ),
+        valid_counts=torch.tensor([batch_size + 1, num_indices, num_unique + 1, num_indices, num_unique], dtype=INDEX),
         num_indices=num_indices,
         num_unique=num_unique,
     )

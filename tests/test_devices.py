@@ -50,7 +50,10 @@ def test_hpu_without_the_bridge_is_one_line_and_exit_2(capsys) -> None:
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--use-gpu", "--device=cpu"], "--use-gpu: contradicts --device cpu"), (["--no-habana", "--device=hpu"], "--no-habana")],
+    [
+        (["--use-gpu", "--device=cpu"], "--use-gpu: contradicts --device cpu"),
+        (["--no-habana", "--device=hpu"], "--no-habana: contradicts --device hpu"),
+    ],
 )
 def test_contradicting_device_flags_exit_2(argv: list[str], message: str, capsys) -> None:
     assert dlrm_s_pytorch.main([*TINY, *argv]) == 2

@@ -1,6 +1,7 @@
 """``embedding_bag_sum_fwd`` / ``_bwd`` with kernel mode 1 (sum-pooled bags), reading only the valid prefixes."""
 
 import torch
+
 from habana_frameworks.torch import record
 
 

@@ -4,6 +4,7 @@ come out as two groups, as in the original DLRM call that passed 4.
 """
 
 import torch
+
 from habana_frameworks.torch import record
 
 DIGIT_BITS = 11

@@ -1,6 +1,7 @@
 """``sparse_adagrad_with_valid_count``: rows are assumed distinct; a repeated row keeps one of its updates."""
 
 import torch
+
 from habana_frameworks.torch import record
 
 

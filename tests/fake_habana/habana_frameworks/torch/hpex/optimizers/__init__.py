@@ -1,4 +1,5 @@
 import torch
+
 from habana_frameworks.torch import record
 
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU check (issue 4): the CUDA tests, then the medium configuration eager and lazy in fp32 and bf16 with
+# --measure-perf, printing samples/s and peak GPU memory. Uses the machine's own python3 (torch 2.11-2.14).
+# Usage: bash bench/gpu_check.sh [tests|medium|all] [num_batches]
+set -u
+cd "$(dirname "$0")/.."
+what=${1:-all}
+batches=${2:-200}
+python=${PYTHON:-python3}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$python -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+if [ "$what" != medium ]; then
+    echo "== CUDA tests"
+    timeout 300 $python -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_embedding_op.py -k cuda 2>&1 | tail -15
+fi
+
+if [ "$what" != tests ]; then
+    for mode in eager lazy; do
+        for dtype in fp32 bf16; do
+            echo "== medium $dtype $mode ($batches batches, --measure-perf)"
+            timeout 180 $python dlrm_s_pytorch.py --config "hb_configs/single_node_dlrm_${mode}_medium_${dtype}.yaml" \
+                --device cuda --measure-perf --num-batches "$batches" --print-freq $((batches / 2)) \
+                --log-device-mem-alloc > /tmp/medium.log 2>&1
+            status=$?
+            grep -E "^(Using|Lazy|Finished|Peak)" /tmp/medium.log
+            [ $status -ne 0 ] && { echo "exit $status"; tail -20 /tmp/medium.log; }
+            last_ms=$(grep "^Finished" /tmp/medium.log | tail -1 | sed -E 's/.*, ([0-9.]+) ms\/it.*/\1/')
+            [ -n "$last_ms" ] && $python -c "print(f'samples/s: {512 * 1000 / $last_ms:,.0f}  (batch 512, {$last_ms} ms/it, steady state)')"
+        done
+    done
+fi
