@@ -639,19 +639,19 @@ def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLo
                 batch = backend.to_device(batch)
                 scores, loss, stats = model(batch.dense, batch.bags, batch.targets)
                 if training:
-                    loss.backward()  # the sparse updates, and on CPU and CUDA the dense ones, happen in here
+                    loss.backward()  # the sparse updates happen in here, and in eager mode the dense ones
                     optimizer.step()
                 backend.mark_step()
                 iteration += 1
                 if iteration == warmup:
-                    backend.synchronize()
+                    backend.synchronize()  # the graphs are compiled: time from here on
                 seconds = time.perf_counter() - start
-                window.add(stats, batch.dense.size(0), seconds if iteration > warmup else None)
-                if iteration <= warmup:
-                    warmup_seconds += seconds
+                warming_up = iteration <= warmup
+                window.add(stats, batch.dense.size(0), None if warming_up else seconds)
+                warmup_seconds += seconds if warming_up else 0.0
                 if iteration == warmup:
-                    compiled = f"the first {warmup} it compiled the graphs in {warmup_seconds:.1f} s"
-                    print(f"Lazy mode: {compiled} (not in ms/it)")
+                    print(f"Lazy mode: the first {warmup} it compiled the graphs in {warmup_seconds:.1f} s", end="")
+                    print(" (not in ms/it)")
                 if args.debug_mode:
                     print(f"batch {j}: dense {batch.dense}\ntargets {batch.targets.view(-1)}\nscores {scores.view(-1)}")
                 if (j + 1) % args.print_freq == 0 or j + 1 == nbatches:
@@ -662,15 +662,19 @@ def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLo
 
 
 @contextlib.contextmanager
-def profiling(enabled: bool) -> Iterator[None]:
+def profiling(enabled: bool, device_type: str) -> Iterator[None]:
     """With ``--enable-profiling``: a torch.profiler trace and a table of the slowest ops, in the working dir."""
     if not enabled:
         yield
         return
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device_type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         yield
     prof.export_chrome_trace("dlrm_s_pytorch.json")
-    Path("dlrm_s_pytorch.prof").write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    sort_by = "self_cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    Path("dlrm_s_pytorch.prof").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=30))
     print("Profile written to dlrm_s_pytorch.json (chrome trace) and dlrm_s_pytorch.prof (top ops)")
 
 
@@ -710,7 +714,7 @@ def main(argv: list[str]) -> int:
     model = DLRM(args, sizes, backend.kernels).to(backend.device)
     if args.debug_mode:
         print(f"model sizes: {sizes}, torch threads: {torch.get_num_threads()}\n{model}")
-    with profiling(args.enable_profiling):
+    with profiling(args.enable_profiling, backend.device_type):
         try:
             train(args, model, loader, backend)
         except DivergedError as e:

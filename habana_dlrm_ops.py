@@ -211,23 +211,18 @@ def adagrad_update(weight: Tensor, grad: Tensor, state_sum: Tensor, lr: float) -
 
 
 class DenseOptimizer:
-    """SGD or Adagrad (torch's math, eps 1e-10) applied to each parameter inside backward.
+    """SGD or Adagrad (torch's math, eps 1e-10) applied to each parameter inside backward: eager mode.
 
     A parameter is updated the moment autograd has accumulated its gradient, and the gradient is dropped
     right after, so only one layer's gradient exists at a time. The result equals ``torch.optim.SGD`` /
     ``torch.optim.Adagrad`` stepping after backward, because no parameter's value is read by autograd after its
-    own gradient is ready. Eager Adagrad runs in ``chunk``-element pieces so its temporary stays small;
-    ``compiled`` fuses the whole update into one pass with no temporary.
+    own gradient is ready. Adagrad runs in ``chunk``-element pieces (None: whole) so its temporary stays small.
     """
 
-    def __init__(
-        self, params: list[nn.Parameter], name: str, lr: float, chunk: int | None = DENSE_CHUNK, compiled: bool = False
-    ) -> None:
+    def __init__(self, params: list[nn.Parameter], name: str, lr: float, chunk: int | None = DENSE_CHUNK) -> None:
         if name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r}")
-        self.name, self.lr = name, lr
-        self.chunk = None if compiled else chunk
-        self.adagrad = torch.compile(adagrad_update, dynamic=True) if compiled else adagrad_update
+        self.name, self.lr, self.chunk = name, lr, chunk
         self.state = {p: torch.zeros_like(p) for p in params} if name == "adagrad" else {}
         self._hooks = [p.register_post_accumulate_grad_hook(self._update) for p in params]
 
@@ -241,10 +236,38 @@ class DenseOptimizer:
             size = self.chunk or param.numel()
             flat = (param.view(-1), grad.reshape(-1), self.state[param].view(-1))
             for weight, g, state_sum in zip(*(t.split(size) for t in flat), strict=True):
-                self.adagrad(weight, g, state_sum, self.lr)
+                adagrad_update(weight, g, state_sum, self.lr)
         else:
             param.add_(grad, alpha=-self.lr)
         param.grad = None
+
+
+class CompiledDenseOptimizer:
+    """SGD or Adagrad for every parameter in one compiled call after backward: lazy mode.
+
+    The compiled dense path hands back all its gradients at once anyway, so updating them in one call costs no
+    memory, and each parameter's update becomes one fused pass (no temporaries, one launch on a GPU).
+    """
+
+    def __init__(self, params: list[nn.Parameter], name: str, lr: float) -> None:
+        if name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r}")
+        self.params, self.name, self.lr = params, name, lr
+        self.state = [torch.zeros_like(p) for p in params] if name == "adagrad" else []
+        self._update = torch.compile(self._update_all, fullgraph=True, dynamic=False)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self._update([p.grad for p in self.params])
+        for param in self.params:
+            param.grad = None
+
+    def _update_all(self, grads: list[Tensor]) -> None:
+        for param, grad, index in zip(self.params, grads, range(len(grads)), strict=True):
+            if self.name == "adagrad":
+                adagrad_update(param, grad, self.state[index], self.lr)
+            else:
+                param.add_(grad, alpha=-self.lr)
 
 
 class StepAfterBackward:
@@ -266,7 +289,7 @@ class StepAfterBackward:
 class Backend:
     """The CPU: the interface every device implements, and torch's kernels.
 
-    Lazy mode compiles the dense path (``compile``) and, on the CPU and CUDA, the dense Adagrad update;
+    Lazy mode compiles the dense path (``compile``) and, on the CPU and CUDA, the dense optimizer's step;
     ``mark_step`` ends each iteration in the loop on every device, but only Gaudi and CUDA graphs need it.
     """
 
@@ -291,8 +314,12 @@ class Backend:
     def compile(self, fn: Callable) -> Callable:
         return torch.compile(fn, fullgraph=True, dynamic=False, **self.compile_options) if self.lazy else fn
 
-    def dense_optimizer(self, params: list[nn.Parameter], name: str, lr: float) -> DenseOptimizer | StepAfterBackward:
-        return DenseOptimizer(params, name, lr, chunk=self.dense_chunk, compiled=self.lazy)
+    def dense_optimizer(
+        self, params: list[nn.Parameter], name: str, lr: float
+    ) -> DenseOptimizer | CompiledDenseOptimizer | StepAfterBackward:
+        if self.lazy:
+            return CompiledDenseOptimizer(params, name, lr)
+        return DenseOptimizer(params, name, lr, chunk=self.dense_chunk)
 
     def mark_step(self) -> None:
         """The end of an iteration; nothing to do on the CPU."""

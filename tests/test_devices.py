@@ -95,18 +95,22 @@ def test_cpu_lazy_bf16_measure_perf_stays_close_to_eager() -> None:
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
 def test_compiled_dense_optimizer_equals_torch_optim(optimizer: str) -> None:
     torch.manual_seed(0)
-    ours, reference = (torch.nn.Linear(300, 7) for _ in range(2))
+    ours, reference = (
+        torch.nn.Sequential(torch.nn.Linear(300, 7), torch.nn.ReLU(), torch.nn.Linear(7, 1)) for _ in "ab"
+    )
     reference.load_state_dict(ours.state_dict())
-    habana_dlrm_ops.DenseOptimizer(list(ours.parameters()), optimizer, lr=0.05, compiled=True)
+    compiled = habana_dlrm_ops.CompiledDenseOptimizer(list(ours.parameters()), optimizer, lr=0.05)
     ref_opt = (torch.optim.Adagrad if optimizer == "adagrad" else torch.optim.SGD)(reference.parameters(), lr=0.05)
     if optimizer == "adagrad":
         ref_opt.param_groups[0]["eps"] = 1e-10
     for _ in range(3):
         x = torch.randn(10, 300)
         ours(x).square().mean().backward()
+        compiled.step()
         ref_opt.zero_grad()
         reference(x).square().mean().backward()
         ref_opt.step()
+        assert all(p.grad is None for p in ours.parameters())
     for mine, theirs in zip(ours.parameters(), reference.parameters(), strict=True):
         # compiled code divides by multiplying with a reciprocal: a few ulps apart, where eager is bit-exact
         torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5)
@@ -130,13 +134,20 @@ def test_cuda_equals_the_cpu(mode: str) -> None:
 @CUDA
 @pytest.mark.parametrize("mode", ["eager", "lazy"])
 def test_cuda_bf16_measure_perf_and_workers(mode: str) -> None:
-    argv = [*TINY, "--num-batches=6", "-d", "bf16", "--optimizer=adagrad", "--print-time"]
+    argv = [*TINY, "--num-batches=6", "-d", "bf16", "--optimizer=adagrad", "--learning-rate=0.01", "--print-time"]
     cpu = run_script(*argv, "--device=cpu")
     gpu = run_script(*argv, "--device=cuda", f"--mode={mode}", "--num-workers=2")
     perf = run_script(*argv, "--device=cuda", f"--mode={mode}", "--measure-perf")
     assert cpu.returncode == gpu.returncode == perf.returncode == 0, gpu.stderr + perf.stderr
     assert losses(gpu.stdout) == pytest.approx(losses(cpu.stdout), abs=2e-3)
     assert len(losses(perf.stdout)) == 6
+
+
+@CUDA
+def test_cuda_profiling_records_gpu_kernels(tmp_path) -> None:
+    result = run_script(*TINY, "--num-batches=2", "--device=cuda", "--enable-profiling", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Self CUDA" in (tmp_path / "dlrm_s_pytorch.prof").read_text()
 
 
 @CUDA
