@@ -650,8 +650,8 @@ def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLo
                 window.add(stats, batch.dense.size(0), None if warming_up else seconds)
                 warmup_seconds += seconds if warming_up else 0.0
                 if iteration == warmup:
-                    print(f"Lazy mode: the first {warmup} it compiled the graphs in {warmup_seconds:.1f} s", end="")
-                    print(" (not in ms/it)")
+                    compiled = f"the first {warmup} it compiled the graphs in {warmup_seconds:.1f} s"
+                    print(f"Lazy mode: {compiled} (not in ms/it)")
                 if args.debug_mode:
                     print(f"batch {j}: dense {batch.dense}\ntargets {batch.targets.view(-1)}\nscores {scores.view(-1)}")
                 if (j + 1) % args.print_freq == 0 or j + 1 == nbatches:
