@@ -21,9 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+import distributed_utils
+from distributed_utils import EmbeddingExchange, Ranks, Shard
 from habana_dlrm_ops import (
     OPTIMIZERS,
     Backend,
@@ -254,15 +258,11 @@ def model_sizes(args: argparse.Namespace) -> Sizes:
     return Sizes(bottom[0], dim, tables, bottom, [interaction, *top])
 
 
-LATER_DISTRIBUTED = "is not available yet: this release trains in one process"
 LATER_DATA = "is not available yet: this release trains on random data, without testing or checkpoints"
 NO_QR_MD = "is not supported: the custom embedding op has no quotient-remainder or mixed-dimension variant"
 
 # (flag, whether the parsed value asks for it, why it cannot run)
 UNAVAILABLE = [
-    ("--distributed", lambda a: a.distributed, LATER_DISTRIBUTED),
-    ("--world_size", lambda a: a.world_size > 1, LATER_DISTRIBUTED),
-    ("--print-dist-loss", lambda a: a.print_dist_loss, LATER_DISTRIBUTED),
     ("--data-generation", lambda a: a.data_generation != "random", LATER_DATA),
     *[(flag, None, LATER_DATA) for flag in (
         "--data-trace-file", "--data-set", "--raw-data-file", "--processed-data-file", "--data-randomize",
@@ -372,16 +372,21 @@ FIRST_BATCH_SEED = 987  # the original reseeded numpy with 987 + j before genera
 
 @dataclass
 class Batch:
-    dense: Tensor  # [n, dense features]
-    bags: list[BagBatch]  # one per table
-    targets: Tensor  # [n, 1]
+    """This rank's part of a global batch: its samples' dense features and targets, its tables' bags."""
+
+    dense: Tensor  # [local samples, dense features]
+    bags: list[BagBatch]  # one per table (or rows of one) this rank holds, for every sample of the global batch
+    targets: Tensor  # [local samples, 1]
+    samples: int  # in the global batch
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         move = dict(device=device, non_blocking=non_blocking)
-        return Batch(self.dense.to(**move), [b.to(**move) for b in self.bags], self.targets.to(**move))
+        bags = [b.to(**move) for b in self.bags]
+        return Batch(self.dense.to(**move), bags, self.targets.to(**move), self.samples)
 
     def pin_memory(self) -> Batch:  # called by the DataLoader's pin_memory thread
-        return Batch(self.dense.pin_memory(), [b.pin_memory() for b in self.bags], self.targets.pin_memory())
+        bags = [b.pin_memory() for b in self.bags]
+        return Batch(self.dense.pin_memory(), bags, self.targets.pin_memory(), self.samples)
 
 
 class RandomDataset(torch.utils.data.Dataset):
@@ -449,29 +454,44 @@ class RandomDataset(torch.utils.data.Dataset):
         return torch.from_numpy(offsets), torch.from_numpy(values[keep])
 
 
-class Preprocessor:
-    """The loader's collate function: raw batch -> ``Batch`` with each table's fixed-size ``BagBatch``."""
+def shard_bags(indices: Tensor, offsets: Tensor, shard: Shard) -> tuple[Tensor, Tensor]:
+    """The bags restricted to the shard's rows, renumbered from its first row (bags keep their places)."""
+    lengths = torch.diff(offsets, append=torch.tensor([indices.numel()]))
+    bag_of_index = torch.repeat_interleave(torch.arange(offsets.numel()), lengths)
+    keep = (indices >= shard.start) & (indices < shard.stop)
+    kept = torch.bincount(bag_of_index[keep], minlength=offsets.numel())
+    return indices[keep] - shard.start, torch.cumsum(kept, 0) - kept
 
-    def __init__(self, batch_size: int, num_indices_per_lookup: int, group: RowGrouper) -> None:
-        self.batch_size, self.capacity, self.group = batch_size, num_indices_per_lookup * batch_size, group
+
+class Preprocessor:
+    """The loader's collate function: a raw global batch -> this rank's ``Batch``, with fixed-size buffers."""
+
+    def __init__(self, args: argparse.Namespace, shards: list[Shard], ranks: Ranks, group: RowGrouper) -> None:
+        self.batch_size, self.capacity = args.mini_batch_size, args.num_indices_per_lookup * args.mini_batch_size
+        self.shards, self.ranks, self.group = shards, ranks, group
 
     def __call__(self, raw: tuple[Tensor, list[Tensor], list[Tensor], Tensor]) -> Batch:
         dense, offsets, indices, targets = raw
-        bags = [
-            preprocess_bags(i, o, self.batch_size, self.capacity, self.group)
-            for o, i in zip(offsets, indices, strict=True)
-        ]
-        return Batch(dense, bags, targets)
+        local_batch = self.batch_size // self.ranks.world_size
+        mine = slice(self.ranks.rank * local_batch, (self.ranks.rank + 1) * local_batch)
+        bags = []
+        for shard in self.shards:
+            shard_indices, shard_offsets = shard_bags(indices[shard.table], offsets[shard.table], shard)
+            bags.append(preprocess_bags(shard_indices, shard_offsets, self.batch_size, self.capacity, self.group))
+        return Batch(dense[mine], bags, targets[mine], dense.size(0))
 
 
-def make_loader(args: argparse.Namespace, sizes: Sizes, backend: Backend) -> torch.utils.data.DataLoader:
-    """Batches generated and preprocessed by ``--num-workers`` processes (or this one), pinned for a GPU."""
+def make_loader(
+    args: argparse.Namespace, sizes: Sizes, backend: Backend, shards: list[Shard], ranks: Ranks
+) -> torch.utils.data.DataLoader:
+    """Global batches generated by ``--num-workers`` processes (or this one), this rank's part kept, pinned
+    for a GPU. Every rank generates the same batches: each one's seed depends only on its position."""
     return torch.utils.data.DataLoader(
         RandomDataset(args, sizes),
         batch_size=None,
         shuffle=False,
         num_workers=args.num_workers,
-        collate_fn=Preprocessor(args.mini_batch_size, args.num_indices_per_lookup, backend.group_rows),
+        collate_fn=Preprocessor(args, shards, ranks, backend.group_rows),
         pin_memory=backend.pin_memory,
     )
 
@@ -491,14 +511,19 @@ def epoch_batches(loader: torch.utils.data.DataLoader, epoch: int, replayed: Bat
 TABLE_DRAW_ROWS = 1 << 16  # draw tables in row chunks: same numbers, no float64 copy of a whole table
 
 
-def draw_table(rows: int, dim: int) -> Tensor:
-    """``uniform(-sqrt(1/rows), sqrt(1/rows), (rows, dim))`` from numpy's global generator, as float32."""
+def draw_table(rows: int, dim: int, start: int = 0, stop: int | None = None) -> Tensor:
+    """Rows ``start:stop`` of ``uniform(-sqrt(1/rows), sqrt(1/rows), (rows, dim))`` from numpy's global generator,
+    as float32. Every row is drawn, so the generator ends where it would for the whole table."""
+    stop = rows if stop is None else stop
     bound = math.sqrt(1 / rows)
-    weight = torch.empty(rows, dim)
+    weight = torch.empty(stop - start, dim)
     out = weight.numpy()
-    for start in range(0, rows, TABLE_DRAW_ROWS):
-        stop = min(rows, start + TABLE_DRAW_ROWS)
-        out[start:stop] = np.random.uniform(low=-bound, high=bound, size=(stop - start, dim))
+    for first in range(0, rows, TABLE_DRAW_ROWS):
+        last = min(rows, first + TABLE_DRAW_ROWS)
+        drawn = np.random.uniform(low=-bound, high=bound, size=(last - first, dim))
+        keep_from, keep_to = max(first, start), min(last, stop)
+        if keep_from < keep_to:
+            out[keep_from - start : keep_to - start] = drawn[keep_from - first : keep_to - first]
     return weight
 
 
@@ -516,17 +541,14 @@ def make_mlp(widths: list[int], sigmoid_last: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class DLRM(nn.Module):
-    """Bottom MLP on dense features, embedding bags on sparse ones, their interaction, the top MLP, the loss.
+class DensePath(nn.Module):
+    """Everything after the embedding lookups: bottom MLP, interaction, top MLP, clamp and loss.
 
-    The embedding lookups run op by op (their update happens inside backward); everything after them is the
-    dense path, which lazy mode compiles into one graph.
+    Lazy mode compiles it into one graph; distributed runs wrap it in DDP.
     """
 
-    def __init__(self, args: argparse.Namespace, sizes: Sizes, kernels: TorchKernels | None = None) -> None:
+    def __init__(self, args: argparse.Namespace, sizes: Sizes) -> None:
         super().__init__()
-        tables = (EmbeddingBag(draw_table(rows, sizes.embedding_dim), kernels) for rows in sizes.tables)
-        self.embeddings = nn.ModuleList(tables)
         self.bottom_mlp = make_mlp(sizes.bottom, sigmoid_last=False)
         self.top_mlp = make_mlp(sizes.top, sigmoid_last=True)
         self.interaction, self.loss_threshold = args.arch_interaction_op, args.loss_threshold
@@ -536,12 +558,8 @@ class DLRM(nn.Module):
         self.register_buffer("pair_index", rows * features + cols, persistent=False)
         self.register_buffer("loss_weights", torch.tensor(args.loss_weights), persistent=False)
 
-    def forward(self, dense: Tensor, bags: list[BagBatch], targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, dense: Tensor, pooled: list[Tensor], targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(scores, loss, stats): stats holds the loss, the correct predictions and the non-finite scores."""
-        pooled = [table(table_bags) for table, table_bags in zip(self.embeddings, bags, strict=True)]
-        return self.dense_path(dense, pooled, targets)
-
-    def dense_path(self, dense: Tensor, pooled: list[Tensor], targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # bf16: the matrix products run in bf16 (the original's op lists); embeddings and the loss stay fp32.
         with torch.autocast(dense.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             scores = self.top_mlp(self.interact(self.bottom_mlp(dense), pooled)).float()
@@ -570,8 +588,47 @@ class DLRM(nn.Module):
         per_sample = nn.functional.binary_cross_entropy(scores, targets, reduction="none")
         return (per_sample * self.loss_weights[targets.long()]).mean()
 
-    def dense_parameters(self) -> list[nn.Parameter]:
-        return [*self.top_mlp.parameters(), *self.bottom_mlp.parameters()]
+
+class DLRM(nn.Module):
+    """Embedding bags on sparse features, then the dense path (``DensePath``).
+
+    The embedding lookups run op by op (their update happens inside backward). A rank holds only the tables, or
+    rows of tables, its ``shards`` name; ``exchange`` then brings every table's pooled rows for its own samples.
+    """
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        sizes: Sizes,
+        kernels: TorchKernels | None = None,
+        shards: list[Shard] | None = None,
+        exchange: EmbeddingExchange | None = None,
+    ) -> None:
+        super().__init__()
+        self.shards = shards or [Shard(t, 0, rows, 0) for t, rows in enumerate(sizes.tables)]
+        held = {shard.table: shard for shard in self.shards}
+        tables = []
+        for t, rows in enumerate(sizes.tables):  # every table is drawn, so the generator stays in step
+            shard = held.get(t, Shard(t, 0, 0, -1))
+            weight = draw_table(rows, sizes.embedding_dim, shard.start, shard.stop)
+            if t in held:
+                tables.append(EmbeddingBag(weight, kernels))
+        self.embeddings = nn.ModuleList(tables)
+        self.dense = DensePath(args, sizes)
+        self.exchange = exchange
+
+    def lookup(self, bags: list[BagBatch]) -> list[Tensor]:
+        """Each table's pooled embeddings for this rank's samples."""
+        pooled = [table(table_bags) for table, table_bags in zip(self.embeddings, bags, strict=True)]
+        return self.exchange(pooled) if self.exchange else pooled
+
+    def forward(self, dense: Tensor, bags: list[BagBatch], targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.dense(dense, self.lookup(bags), targets)
+
+    def named_weights(self) -> Iterator[tuple[str, Tensor]]:
+        for shard, table in zip(self.shards, self.embeddings, strict=True):
+            yield str(shard), table.weight
+        yield from self.dense.named_parameters()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -582,45 +639,66 @@ class DLRM(nn.Module):
 class Window:
     """The iterations since the last printed line: their statistics stay on the device until the line is due."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size  # global
         self.stats: list[Tensor] = []
-        self.samples, self.timed_seconds, self.timed = 0, 0.0, 0
+        self.timed_seconds, self.timed = 0.0, 0
 
-    def add(self, stats: Tensor, samples: int, seconds: float | None) -> None:
+    def add(self, stats: Tensor, seconds: float | None) -> None:
         """``seconds`` is None for a lazy-mode warm-up iteration, which stays out of ms/it."""
         self.stats.append(stats.clone())  # a CUDA graph's output is overwritten by its next replay
-        self.samples += samples
         if seconds is not None:
             self.timed_seconds += seconds
             self.timed += 1
 
-    def read(self) -> tuple[float, int, int]:
-        """(summed loss x samples, correct predictions, non-finite scores); waits for the device."""
+    def read(self) -> tuple[float, float, int]:
+        """(mean loss, accuracy, non-finite scores) of the global batches; waits for the device and the ranks."""
         start = time.perf_counter()
-        stats = torch.stack(self.stats).cpu().double()
+        stats = torch.stack(self.stats)
+        world_size = 1
+        if dist.is_initialized():
+            dist.all_reduce(stats)  # each rank's loss is its own samples' mean; the counts add up
+            world_size = dist.get_world_size()
+        stats = stats.cpu().double()
         self.timed_seconds += time.perf_counter() - start
-        batch = self.samples // len(self.stats)
-        return float(stats[:, 0].sum()) * batch, int(stats[:, 1].sum()), int(stats[:, 2].sum())
+        iterations = len(self.stats)
+        loss = float(stats[:, 0].sum()) / (world_size * iterations)
+        return loss, float(stats[:, 1].sum()) / (self.batch_size * iterations), int(stats[:, 2].sum())
 
     def line(self, phase: str, it: int, nbatches: int, epoch: int, print_time: bool) -> str:
-        loss_sum, correct, non_finite = self.read()
+        loss, accuracy, non_finite = self.read()
         if non_finite:
             first = it - len(self.stats) + 1
             raise DivergedError(f"it {first}-{it} of epoch {epoch}: the scores are not finite (--learning-rate?)")
         ms = 1000 * self.timed_seconds / self.timed if print_time and self.timed else -1  # -1: not measured
         return (
             f"Finished {phase} it {it}/{nbatches} of epoch {epoch}, {ms:.2f} ms/it, "
-            f"loss {loss_sum / self.samples:.6f}, accuracy {100 * correct / self.samples:3.3f} %"
+            f"loss {loss:.6f}, accuracy {100 * accuracy:3.3f} %"
         )
+
+
+def distributed_loss(loss: Tensor) -> float:
+    """The global batch's loss, every iteration (``--print-dist-loss``; it waits for every rank)."""
+    total = loss.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+        return total.item() / dist.get_world_size()
+    return total.item()
 
 
 def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLoader, backend: Backend) -> None:
     training = not args.inference_only
+    distributed = dist.is_initialized()
     if training:
         for table in model.embeddings:
             table.set_optimizer(args.optimizer, args.learning_rate)
-        optimizer = backend.dense_optimizer(model.dense_parameters(), args.optimizer, args.learning_rate)
-    model.dense_path = backend.compile(model.dense_path)
+        params = list(model.dense.parameters())
+        # DDP averages the gradients at the end of backward, so then the dense optimizer steps after it
+        optimizer = backend.dense_optimizer(params, args.optimizer, args.learning_rate, in_backward=not distributed)
+    dense_path = backend.compile(model.dense)
+    if distributed:
+        device_ids = [backend.device.index] if backend.device.type == "cuda" else None
+        dense_path = DistributedDataParallel(dense_path, device_ids=device_ids)
     warmup = backend.warmup_iterations if backend.lazy else 0
     phase = "training" if training else "inference"
     nbatches = len(loader)
@@ -630,14 +708,16 @@ def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLo
     iteration, warmup_seconds = 0, 0.0
     with torch.set_grad_enabled(training):
         for epoch in range(args.nepochs):
-            window = Window()
+            window = Window(args.mini_batch_size)
             for j, batch in enumerate(epoch_batches(loader, epoch, replayed)):
-                if batch.dense.size(0) < args.mini_batch_size:
-                    print(f"Breaking out of the epoch as  batch was partial. Number of samples: {batch.dense.size(0)}")
+                if batch.samples < args.mini_batch_size:
+                    print(f"Breaking out of the epoch as  batch was partial. Number of samples: {batch.samples}")
                     break
                 start = time.perf_counter()
                 batch = backend.to_device(batch)
-                scores, loss, stats = model(batch.dense, batch.bags, batch.targets)
+                scores, loss, stats = dense_path(batch.dense, model.lookup(batch.bags), batch.targets)
+                if args.print_dist_loss:
+                    print(f" Distributed Loss :: {distributed_loss(loss):.6f}")
                 if training:
                     loss.backward()  # the sparse updates happen in here, and in eager mode the dense ones
                     optimizer.step()
@@ -647,7 +727,7 @@ def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLo
                     backend.synchronize()  # the graphs are compiled: time from here on
                 seconds = time.perf_counter() - start
                 warming_up = iteration <= warmup
-                window.add(stats, batch.dense.size(0), None if warming_up else seconds)
+                window.add(stats, None if warming_up else seconds)
                 warmup_seconds += seconds if warming_up else 0.0
                 if iteration == warmup:
                     compiled = f"the first {warmup} it compiled the graphs in {warmup_seconds:.1f} s"
@@ -658,7 +738,7 @@ def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLo
                     print(window.line(phase, j + 1, nbatches, epoch, args.print_time), flush=True)
                     if args.log_device_mem_alloc:
                         print(backend.memory_report())
-                    window = Window()
+                    window = Window(args.mini_batch_size)
 
 
 @contextlib.contextmanager
@@ -687,6 +767,30 @@ def apply_environment(env: dict[str, str], argv: list[str]) -> None:
     os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *argv])
 
 
+def join_ranks(args: argparse.Namespace, backend: Backend) -> Ranks:
+    """This process's rank; with a launcher (or ``--distributed``) it joins the process group first."""
+    ranks = distributed_utils.launched_ranks()
+    if ranks is None and not args.distributed:
+        return Ranks(0, 1, 0, 1)
+    if ranks is None:  # --distributed without a launcher: a group of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(distributed_utils.free_port()))
+        ranks = Ranks(0, 1, 0, 1)
+    if args.world_size not in (1, ranks.world_size):
+        raise UsageError(f"--world_size {args.world_size}: the launcher started {ranks.world_size} ranks")
+    if args.mini_batch_size % ranks.world_size:
+        raise UsageError(f"--mini-batch-size {args.mini_batch_size} is not divisible by {ranks.world_size} ranks")
+    try:
+        distributed_utils.init_process_group(ranks, backend.process_group)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"{ranks.world_size} ranks: {backend.process_group} cannot start ({first_line(e)})") from None
+    return ranks
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def main(argv: list[str]) -> int:
     try:
         args, sizes, env = parse_command_line(argv)
@@ -697,10 +801,22 @@ def main(argv: list[str]) -> int:
     if env:
         print("Environment from --config: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     try:
-        backend = select_backend(args.device, args.mode == "lazy", args.no_habana, args.use_gpu)
-    except DeviceUnavailable as e:
+        launched = distributed_utils.launched_ranks()
+        local_rank = launched.local_rank if launched else 0
+        backend = select_backend(args.device, args.mode == "lazy", args.no_habana, args.use_gpu, local_rank)
+        gpus = torch.cuda.device_count()
+        if backend.device.type == "cuda" and args.world_size > gpus:
+            raise UsageError(f"--world_size {args.world_size}: nccl needs a GPU per rank, {gpus} here")
+        if launched is None and args.world_size > 1:  # start the ranks, each of them this script
+            return distributed_utils.spawn_ranks([sys.executable, os.path.abspath(__file__), *argv], args.world_size)
+        ranks = join_ranks(args, backend)
+    except (DeviceUnavailable, UsageError, ValueError) as e:
         print(f"dlrm_s_pytorch.py: error: {e}", file=sys.stderr)
         return 2
+    if ranks.rank != 0 and not args.print_all_ranks:
+        sys.stdout = open(os.devnull, "w")  # for the life of the process
+    if ranks.local_world_size > 1 and backend.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks.local_world_size))  # share the cores
 
     np.set_printoptions(precision=args.print_precision)
     torch.set_printoptions(precision=args.print_precision)
@@ -710,8 +826,14 @@ def main(argv: list[str]) -> int:
     if args.hmp_verbose:
         print(f"bf16 ops: {', '.join(sorted(BF16_OPS))}; fp32 ops: {', '.join(sorted(FP32_OPS))}")
 
-    loader = make_loader(args, sizes, backend)
-    model = DLRM(args, sizes, backend.kernels).to(backend.device)
+    shards, exchange = None, None
+    if dist.is_initialized():
+        plan = distributed_utils.plan_tables(sizes.tables, ranks.world_size)
+        print(distributed_utils.describe_plan(plan, ranks.world_size, args.mini_batch_size, sizes.embedding_dim))
+        shards = [shard for shard in plan if shard.rank == ranks.rank]
+        exchange = EmbeddingExchange(plan, ranks.rank, ranks.world_size, args.mini_batch_size, sizes.embedding_dim)
+    model = DLRM(args, sizes, backend.kernels, shards, exchange).to(backend.device)
+    loader = make_loader(args, sizes, backend, model.shards, ranks)
     if args.debug_mode:
         print(f"model sizes: {sizes}, torch threads: {torch.get_num_threads()}\n{model}")
     with profiling(args.enable_profiling, backend.device_type):
@@ -720,9 +842,18 @@ def main(argv: list[str]) -> int:
         except DivergedError as e:
             print(f"dlrm_s_pytorch.py: error: {e}", file=sys.stderr)
             return 1
+        except (dist.DistError, RuntimeError) as e:  # gloo reports a lost rank as a RuntimeError
+            if not dist.is_initialized():
+                raise
+            print(f"dlrm_s_pytorch.py: error: rank {ranks.rank} stopped: {first_line(e)}", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)  # the process group is broken: tearing it down could abort or hang
     if args.debug_mode:
-        for name, param in model.named_parameters():
-            print(f"updated {name}:\n{param.detach()}")
+        for name, weight in model.named_weights():
+            print(f"updated {name}:\n{weight.detach()}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

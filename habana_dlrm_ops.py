@@ -270,6 +270,13 @@ class CompiledDenseOptimizer:
                 param.add_(grad, alpha=-self.lr)
 
 
+def torch_optimizer(params: list[nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
+    """The same math as ``DenseOptimizer``, stepped after backward."""
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, eps=ADAGRAD_EPS)
+    return torch.optim.SGD(params, lr=lr)
+
+
 class StepAfterBackward:
     """A ``torch.optim`` optimizer stepped after backward, as the original did on Gaudi."""
 
@@ -295,12 +302,13 @@ class Backend:
 
     device_type = "cpu"
     banner = "Using CPU..."
+    process_group = "gloo"  # torch.distributed's backend for this device
     pin_memory = False  # the loader pins batches for asynchronous copies
     dense_chunk: int | None = DENSE_CHUNK
     compile_options: dict = {}
     warmup_iterations = 1  # lazy mode: iterations that compile, kept out of ms/it
 
-    def __init__(self, lazy: bool) -> None:
+    def __init__(self, lazy: bool, local_rank: int = 0) -> None:
         self.lazy = lazy
         self.device = torch.device(self.device_type)
         self.kernels = TorchKernels()
@@ -315,11 +323,14 @@ class Backend:
         return torch.compile(fn, fullgraph=True, dynamic=False, **self.compile_options) if self.lazy else fn
 
     def dense_optimizer(
-        self, params: list[nn.Parameter], name: str, lr: float
+        self, params: list[nn.Parameter], name: str, lr: float, in_backward: bool = True
     ) -> DenseOptimizer | CompiledDenseOptimizer | StepAfterBackward:
+        """Eager: inside backward, unless the gradients must first be averaged across ranks; lazy: compiled."""
         if self.lazy:
             return CompiledDenseOptimizer(params, name, lr)
-        return DenseOptimizer(params, name, lr, chunk=self.dense_chunk)
+        if in_backward:
+            return DenseOptimizer(params, name, lr, chunk=self.dense_chunk)
+        return StepAfterBackward(torch_optimizer(params, name, lr))
 
     def mark_step(self) -> None:
         """The end of an iteration; nothing to do on the CPU."""
@@ -338,10 +349,16 @@ class CUDABackend(Backend):
 
     device_type = "cuda"
     banner = "Using GPU..."
+    process_group = "nccl"
     pin_memory = True
     dense_chunk = None  # memory is not short, kernel launches are
     compile_options = {"mode": "reduce-overhead"}
     warmup_iterations = 3  # compile, record the graphs, first replay
+
+    def __init__(self, lazy: bool, local_rank: int = 0) -> None:
+        super().__init__(lazy)
+        self.device = torch.device("cuda", local_rank)  # one GPU per local rank
+        torch.cuda.set_device(self.device)
 
     def mark_step(self) -> None:
         if self.lazy:  # the next iteration may overwrite the graphs' outputs
@@ -396,9 +413,10 @@ class HPUBackend(Backend):
 
     device_type = "hpu"
     banner = "Using HPU..."
+    process_group = "hccl"
     dense_chunk = None
 
-    def __init__(self, lazy: bool) -> None:
+    def __init__(self, lazy: bool, local_rank: int = 0) -> None:
         super().__init__(lazy)
         self.core = importlib.import_module("habana_frameworks.torch.core")
         self.hpu = importlib.import_module("habana_frameworks.torch.hpu")
@@ -421,7 +439,9 @@ class HPUBackend(Backend):
     def compile(self, fn: Callable) -> Callable:
         return fn
 
-    def dense_optimizer(self, params: list[nn.Parameter], name: str, lr: float) -> StepAfterBackward:
+    def dense_optimizer(
+        self, params: list[nn.Parameter], name: str, lr: float, in_backward: bool = True
+    ) -> StepAfterBackward:
         if name == "adagrad":
             return StepAfterBackward(self.optimizers.FusedAdagrad(params, lr=lr, eps=ADAGRAD_EPS))
         return StepAfterBackward(torch.optim.SGD(params, lr=lr))
@@ -452,7 +472,9 @@ def _habana_bridge(lazy: bool) -> bool:
         return False
 
 
-def select_backend(device: str, lazy: bool, no_habana: bool = False, use_gpu: bool = False) -> Backend:
+def select_backend(
+    device: str, lazy: bool, no_habana: bool = False, use_gpu: bool = False, local_rank: int = 0
+) -> Backend:
     """``device`` is auto, cpu, cuda or hpu; auto takes a Gaudi card, else a GPU, else the CPU.
 
     ``no_habana`` (``--no-habana``) rules the Gaudi card out and ``use_gpu`` (``--use-gpu``) asks for the GPU,
@@ -463,14 +485,16 @@ def select_backend(device: str, lazy: bool, no_habana: bool = False, use_gpu: bo
         device, flag = "cuda", "--use-gpu"
     if device == "auto":
         if not no_habana and _habana_bridge(lazy):
-            return HPUBackend(lazy)
+            return HPUBackend(lazy, local_rank)
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "hpu":
         if not _habana_bridge(lazy):
             raise DeviceUnavailable(f"{flag}: no Gaudi card here (habana_frameworks.torch does not import)")
-        return HPUBackend(lazy)
+        return HPUBackend(lazy, local_rank)
     if device == "cuda":
         if not torch.cuda.is_available():
             raise DeviceUnavailable(f"{flag}: no CUDA GPU here (torch.cuda.is_available() is False)")
-        return CUDABackend(lazy)
+        if local_rank >= torch.cuda.device_count():
+            raise DeviceUnavailable(f"{flag}: local rank {local_rank} has no GPU ({torch.cuda.device_count()} here)")
+        return CUDABackend(lazy, local_rank)
     return Backend(lazy)

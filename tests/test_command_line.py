@@ -9,6 +9,7 @@ from conftest import ROOT, finished_lines, run_script
 
 import dlrm_s_pytorch
 import habana_dlrm_ops
+from distributed_utils import Ranks
 
 SMALL = ["--config", str(ROOT / "hb_configs" / "small.yaml")]
 TINY = ["--arch-embedding-size=20-30", "--arch-mlp-bot=3-4-2", "--arch-mlp-top=4-1", "--mini-batch-size=8"]
@@ -84,7 +85,6 @@ BAD_INPUTS = {
     "unknown flag": (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     "dataset not yet": (["--data-generation=dataset"], "--data-generation is not available yet"),
     "save-model not yet": (["--save-model=m.pt"], "--save-model is not available yet"),
-    "distributed not yet": (["--distributed"], "--distributed is not available yet"),
     "qr not supported": (["--qr-flag"], "--qr-flag is not supported"),
     "op list without bf16": (["--hmp-bf16=ops.txt"], "--hmp-bf16: applies only with --data_type bf16"),
     "missing config": (["--config=/nonexistent.yaml"], "--config /nonexistent.yaml: No such file or directory"),
@@ -204,10 +204,12 @@ def test_bf16_runs_matrix_products_in_bf16_and_keeps_the_rest_fp32() -> None:
 
         return hook
 
-    for name, module in [("bottom", model.bottom_mlp[0]), ("top", model.top_mlp[0]), ("table", model.embeddings[0])]:
+    modules = [("bottom", model.dense.bottom_mlp[0]), ("top", model.dense.top_mlp[0]), ("table", model.embeddings[0])]
+    for name, module in modules:
         module.register_forward_hook(record_output_dtype(name))
     backend = habana_dlrm_ops.Backend(lazy=False)
-    dlrm_s_pytorch.train(args, model, dlrm_s_pytorch.make_loader(args, sizes, backend), backend)
+    loader = dlrm_s_pytorch.make_loader(args, sizes, backend, model.shards, Ranks(0, 1, 0, 1))
+    dlrm_s_pytorch.train(args, model, loader, backend)
     assert seen == dict(bottom=torch.bfloat16, top=torch.bfloat16, table=torch.float32)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert {t.moments.dtype for t in model.embeddings} == {torch.float32}
@@ -245,7 +247,7 @@ def readme_command_lines() -> list[list[str]]:
 
 def test_readme_command_lines_parse_as_documented() -> None:
     """The original README's two commands: lazy bf16 and eager fp32, on the medium model."""
-    commands = [argv for argv in readme_command_lines() if "--world_size" in argv]
+    commands = [argv for argv in readme_command_lines() if "--arch-embedding-size" in argv]
     assert len(commands) == 2
     parsed = [dlrm_s_pytorch.parse_command_line(argv) for argv in commands]
     assert [(args.mode, args.data_type) for args, _, _ in parsed] == [("lazy", "bf16"), ("eager", "fp32")]

@@ -1,0 +1,205 @@
+"""Hybrid-parallel DLRM on torch.distributed (SPEC §7): launching ranks, placing tables, exchanging embeddings.
+
+- Ranks come from torchrun (``RANK``, ``WORLD_SIZE``), from mpirun (the MPI environment), or from
+  ``--world_size N``, which starts N local ranks of the script itself (``spawn_ranks``).
+- Tables are placed whole, largest first onto the least-loaded rank; a table larger than a rank's share, and
+  every table when there are fewer tables than ranks, is split by rows across all ranks (``plan_tables``).
+- Every rank generates the same global batch and looks up its own tables (or rows) for all of its samples;
+  one all-to-all then hands each rank the pooled embeddings of its own samples (``EmbeddingExchange``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+TIMEOUT_S = 45  # a rank that died or hangs stops the others within this, with an error
+SPAWN_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int  # ranks on this machine
+
+
+def launched_ranks() -> Ranks | None:
+    """This process's place when a launcher started it: torchrun (or ``spawn_ranks``), Open MPI, MPICH."""
+    env = os.environ
+    for rank, size, local, local_size in (
+        ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+        ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ):
+        if rank in env and size in env:
+            world_size = int(env[size])
+            ranks = Ranks(int(env[rank]), world_size, int(env.get(local, 0)), int(env.get(local_size, world_size)))
+            if not 0 <= ranks.rank < ranks.world_size:
+                raise ValueError(f"{rank}={ranks.rank} does not fit {size}={ranks.world_size}")
+            return ranks
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(command: list[str], world_size: int) -> int:
+    """Run ``command`` as ``world_size`` local ranks; the first rank to fail stops the others. Its exit code."""
+    port = str(free_port())
+    processes = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+        env.update(LOCAL_WORLD_SIZE=str(world_size))
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        processes.append(subprocess.Popen(command, env=env))
+    try:
+        while True:
+            codes = [p.poll() for p in processes]
+            failed = [code for code in codes if code not in (None, 0)]
+            if failed or all(code == 0 for code in codes):
+                return failed[0] if failed else 0
+            time.sleep(SPAWN_POLL_S)
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.terminate()
+        for p in processes:
+            p.wait()
+
+
+def _mpi_rendezvous() -> None:
+    """Under mpirun, agree on rank 0's address and a free port (mpi4py when installed, else the defaults)."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        return
+    address = (socket.gethostname(), str(free_port())) if MPI.COMM_WORLD.Get_rank() == 0 else None
+    address = MPI.COMM_WORLD.bcast(address, root=0)
+    os.environ.setdefault("MASTER_ADDR", address[0])
+    os.environ.setdefault("MASTER_PORT", address[1])
+
+
+def init_process_group(ranks: Ranks, backend: str) -> None:
+    """Join the process group (gloo, nccl or hccl) through MASTER_ADDR and MASTER_PORT."""
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        _mpi_rendezvous()
+    if backend == "hccl":
+        importlib.import_module("habana_frameworks.torch.distributed.hccl")  # registers the backend
+    dist.init_process_group(backend, rank=ranks.rank, world_size=ranks.world_size, timeout=timedelta(seconds=TIMEOUT_S))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Placement
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows ``start:stop`` of table ``table``, held by rank ``rank``."""
+
+    table: int
+    start: int
+    stop: int
+    rank: int
+
+    def __str__(self) -> str:
+        return f"table {self.table} rows {self.start}-{self.stop - 1}"
+
+
+def plan_tables(table_rows: list[int], world_size: int) -> list[Shard]:
+    """A balanced plan by rows (every table has the same dimension), sorted by rank, then table."""
+    share = sum(table_rows) / world_size
+    split = [t for t, rows in enumerate(table_rows) if len(table_rows) < world_size or rows > share]
+    load = [0] * world_size
+    shards = []
+    for t in split:
+        for rank in range(world_size):
+            start, stop = table_rows[t] * rank // world_size, table_rows[t] * (rank + 1) // world_size
+            shards.append(Shard(t, start, stop, rank))
+            load[rank] += stop - start
+    whole = [t for t in range(len(table_rows)) if t not in split]
+    for t in sorted(whole, key=lambda t: -table_rows[t]):
+        rank = min(range(world_size), key=lambda r: load[r])
+        shards.append(Shard(t, 0, table_rows[t], rank))
+        load[rank] += table_rows[t]
+    return sorted(shards, key=lambda s: (s.rank, s.table, s.start))
+
+
+def exchange_bytes(plan: list[Shard], rank: int, world_size: int, batch_size: int, dim: int) -> int:
+    """Bytes (fp32) that ``rank`` sends to other ranks in one all-to-all; the backward one sends as many."""
+    local = sum(1 for s in plan if s.rank == rank)
+    return (world_size - 1) * local * (batch_size // world_size) * dim * 4
+
+
+def describe_plan(plan: list[Shard], world_size: int, batch_size: int, dim: int) -> str:
+    ranks = [", ".join(str(s) for s in plan if s.rank == r) or "no tables" for r in range(world_size)]
+    sent = max(exchange_bytes(plan, r, world_size, batch_size, dim) for r in range(world_size))
+    lines = [f"  rank {r}: {text}" for r, text in enumerate(ranks)]
+    return "\n".join(["Table plan:", *lines, f"  all-to-all: at most {sent / 1024:.1f} KiB sent per rank, each way"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The exchange
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` forward; the reverse exchange backward, its gradient scaled by 1 / world size.
+
+    Each rank's loss is the mean over its own samples, so the gradients that come back to a table's owner sum to
+    world-size times the global batch's mean gradient; scaling them (not the learning rate) keeps Adagrad equal
+    to one rank.
+    """
+
+    @staticmethod
+    def forward(ctx, sent: Tensor, send_splits: list[int], receive_splits: list[int]) -> Tensor:
+        ctx.send_splits, ctx.receive_splits = send_splits, receive_splits
+        received = sent.new_empty(sum(receive_splits))
+        dist.all_to_all_single(received, sent, receive_splits, send_splits)
+        return received
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        returned = grad.new_empty(sum(ctx.send_splits))
+        dist.all_to_all_single(returned, grad.contiguous(), ctx.send_splits, ctx.receive_splits)
+        return returned / dist.get_world_size(), None, None
+
+
+class EmbeddingExchange:
+    """Pooled embeddings of this rank's shards for the global batch -> every table's, for this rank's samples."""
+
+    def __init__(self, plan: list[Shard], rank: int, world_size: int, batch_size: int, dim: int) -> None:
+        self.world_size, self.local_batch, self.dim = world_size, batch_size // world_size, dim
+        self.shards_of = [[s for s in plan if s.rank == r] for r in range(world_size)]
+        self.num_tables = 1 + max(s.table for s in plan)
+        size = self.local_batch * dim
+        self.send_splits = [len(self.shards_of[rank]) * size] * world_size
+        self.receive_splits = [len(shards) * size for shards in self.shards_of]
+
+    def __call__(self, pooled: list[Tensor]) -> list[Tensor]:
+        # [shards, ranks, local batch, dim] -> grouped by the rank that owns the samples
+        sent = torch.stack(pooled).view(len(pooled), self.world_size, self.local_batch, self.dim)
+        received = _AllToAll.apply(sent.transpose(0, 1).reshape(-1), self.send_splits, self.receive_splits)
+        tables: list[Tensor | None] = [None] * self.num_tables
+        pieces = received.split([len(shards) * self.local_batch * self.dim for shards in self.shards_of])
+        for shards, piece in zip(self.shards_of, pieces, strict=True):
+            for shard, rows in zip(shards, piece.view(-1, self.local_batch, self.dim), strict=True):
+                # a table split by rows arrives as partial sums, one from each rank
+                tables[shard.table] = rows if tables[shard.table] is None else tables[shard.table] + rows
+        return tables

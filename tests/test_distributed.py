@@ -1,0 +1,208 @@
+"""Hybrid-parallel training (SPEC §7) with gloo on this machine: 2 ranks against 1, the launchers, failures."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, finished_lines, run_script
+
+import distributed_utils
+import dlrm_s_pytorch
+from distributed_utils import Shard, plan_tables
+
+TINY = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=5-8-4", "--mini-batch-size=16", "--num-batches=6"]
+TINY += ["--num-indices-per-lookup=6", "--print-freq=1", "--learning-rate=0.05", "--print-precision=9"]
+CASES = {
+    "tables-dot-sgd": ["--arch-embedding-size=40-7-200-25", "--arch-mlp-top=14-6-1", "--arch-interaction-op=dot"],
+    "tables-cat-adagrad": ["--arch-embedding-size=40-7-200-25", "--arch-mlp-top=20-6-1", "--optimizer=adagrad"],
+    "one-table-split-adagrad": ["--arch-embedding-size=200", "--arch-mlp-top=8-6-1", "--optimizer=adagrad"],
+}
+WEIGHT = re.compile(r"^updated (.+?):\n(tensor\(.*?\))$", re.M | re.S)
+NUMBER = re.compile(r"-?\d+\.\d*(?:e[+-]?\d+)?")
+
+
+def run_ranks(argv: list[str], world_size: int = 2, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """The ranks as torchrun starts them (RANK, WORLD_SIZE, MASTER_*), each with its own output."""
+    port = str(distributed_utils.free_port())
+    processes = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+        env.update(LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        command = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *argv]
+        processes.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    results = []
+    for p in processes:
+        stdout, stderr = p.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout.decode(), stderr.decode()))
+    return results
+
+
+def weights(stdout: str) -> dict[str, torch.Tensor]:
+    """The ``--debug-mode`` dump of the trained weights: name -> values."""
+    return {name: torch.tensor([float(x) for x in NUMBER.findall(text)]) for name, text in WEIGHT.findall(stdout)}
+
+
+def whole_tables(parts: dict[str, torch.Tensor], dim: int) -> dict[int, torch.Tensor]:
+    """Tables put back together from their row ranges ("table 3 rows 0-99")."""
+    pieces: dict[int, list] = {}
+    for name, values in parts.items():
+        match = re.fullmatch(r"table (\d+) rows (\d+)-(\d+)", name)
+        if match:
+            pieces.setdefault(int(match[1]), []).append((int(match[2]), values.view(-1, dim)))
+    return {t: torch.cat([v for _, v in sorted(rows, key=lambda p: p[0])]) for t, rows in pieces.items()}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_two_ranks_equal_one_rank(name: str) -> None:
+    argv = [*TINY, *CASES[name], "--debug-mode", "--round-targets"]
+    alone = run_script(*argv)
+    ranks = run_ranks([*argv, "--print-all-ranks"], world_size=2)
+    assert alone.returncode == 0 and all(r.returncode == 0 for r in ranks), [r.stderr[-2000:] for r in ranks]
+    expected = finished_lines(alone.stdout)
+    for rank in ranks:  # every rank prints the global batch's loss and accuracy
+        printed = finished_lines(rank.stdout)
+        assert [p["loss"] for p in printed] == pytest.approx([e["loss"] for e in expected], abs=1e-5, rel=0)
+        assert [p["accuracy"] for p in printed] == [e["accuracy"] for e in expected]
+    if name == "one-table-split-adagrad":
+        assert "rank 0: table 0 rows 0-99\n  rank 1: table 0 rows 100-199" in ranks[0].stdout
+
+    reference = weights(alone.stdout)
+    split = weights(ranks[0].stdout) | weights(ranks[1].stdout)
+    tables = whole_tables(split, dim=4)
+    assert sorted(tables) == sorted(whole_tables(reference, dim=4))
+    for t, table in whole_tables(reference, dim=4).items():
+        torch.testing.assert_close(tables[t], table, atol=1e-5, rtol=0)
+    for rank in ranks:  # the MLPs, kept equal by DDP
+        mlp = {k: v for k, v in weights(rank.stdout).items() if "mlp" in k}
+        assert mlp.keys() == {k for k in reference if "mlp" in k}
+        for key, values in mlp.items():
+            torch.testing.assert_close(values, reference[key], atol=1e-5, rtol=0)
+
+
+def test_bf16_and_lazy_mode_run_distributed() -> None:
+    argv = [*TINY, *CASES["tables-cat-adagrad"], "-d", "bf16", "--mode=lazy"]
+    alone = run_script(*argv)
+    ranks = run_ranks(argv, world_size=2)
+    assert alone.returncode == 0 and all(r.returncode == 0 for r in ranks), ranks[0].stderr[-2000:]
+    printed, expected = finished_lines(ranks[0].stdout), finished_lines(alone.stdout)
+    assert [p["loss"] for p in printed] == pytest.approx([e["loss"] for e in expected], abs=2e-3)
+    assert ranks[1].stdout == ""  # only rank 0 prints without --print-all-ranks
+
+
+def test_print_dist_loss_prints_the_global_loss_each_iteration() -> None:
+    ranks = run_ranks([*TINY, *CASES["tables-dot-sgd"], "--print-dist-loss"])
+    assert all(r.returncode == 0 for r in ranks), ranks[0].stderr[-2000:]
+    losses = [float(x) for x in re.findall(r"^ Distributed Loss :: ([\d.]+)$", ranks[0].stdout, re.M)]
+    assert losses == pytest.approx([line["loss"] for line in finished_lines(ranks[0].stdout)], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------
+
+SMALL = ["--config", str(ROOT / "hb_configs" / "small.yaml"), "--num-batches=4", "--print-freq=2"]
+
+
+def test_world_size_flag_starts_the_ranks_itself() -> None:
+    result = run_script(*SMALL, "-w", "2")
+    assert result.returncode == 0, result.stderr
+    assert len(finished_lines(result.stdout)) == 2 and "Table plan:" in result.stdout
+
+
+def test_torchrun_runs_the_small_configuration() -> None:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    port = str(distributed_utils.free_port())
+    command = [str(torchrun), "--nproc_per_node=2", f"--master_port={port}", str(ROOT / "dlrm_s_pytorch.py"), *SMALL]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(finished_lines(result.stdout)) == 2
+
+
+@pytest.fixture(scope="session")
+def mpirun() -> Path:
+    """Open MPI and mpi4py from requirements-mpi.txt, installed into the environment running the tests."""
+    binary = Path(sys.executable).parent / "mpirun"
+    if not binary.exists():
+        install = [sys.executable, "-m", "pip", "install", "-q", "-r", str(ROOT / "requirements-mpi.txt")]
+        if subprocess.run(install, capture_output=True, timeout=600).returncode != 0:
+            pytest.skip("could not install requirements-mpi.txt (no package index?)")
+    return binary
+
+
+def test_mpirun_runs_the_small_configuration(mpirun: Path) -> None:
+    command = [str(mpirun), "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable]
+    command += [str(ROOT / "dlrm_s_pytorch.py"), *SMALL]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(finished_lines(result.stdout)) == 2 and "rank 1: " in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Failures and bad input
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_killed_rank_stops_the_other_within_60_s() -> None:
+    port = str(distributed_utils.free_port())
+    processes = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        command = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *SMALL[:2], "--num-batches=100000"]
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    survivor, victim = processes
+    while not survivor.stdout.readline().startswith("Finished training it"):
+        assert survivor.poll() is None, survivor.stderr.read()
+    victim.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = survivor.communicate(timeout=60)
+    assert time.monotonic() - killed < 60
+    assert survivor.returncode != 0
+    assert stderr.count("\n") == 1 and "error: rank 0 stopped: " in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    "env, argv, message",
+    [
+        (dict(RANK="0", WORLD_SIZE="3"), ["--mini-batch-size=16"], "is not divisible by 3 ranks"),
+        (dict(RANK="0", WORLD_SIZE="4"), ["-w", "2"], "--world_size 2: the launcher started 4 ranks"),
+        (dict(RANK="5", WORLD_SIZE="2"), [], "RANK=5 does not fit WORLD_SIZE=2"),
+        ({}, ["-w", "2", "--device=cuda"], "--device cuda" if not torch.cuda.is_available() else "GPU per rank"),
+    ],
+)
+def test_bad_distributed_input_is_one_line_and_exit_2(monkeypatch, capsys, env, argv, message) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if argv[-1:] == ["--device=cuda"] and torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has GPUs for two ranks")
+    assert dlrm_s_pytorch.main(["--mini-batch-size=16", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and message in err, err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_plan_places_largest_first_and_splits_what_is_too_big() -> None:
+    plan = plan_tables([10, 500, 40, 30, 20], world_size=2)  # share 300: the 500-row table is split
+    assert [s for s in plan if s.table == 1] == [Shard(1, 0, 250, 0), Shard(1, 250, 500, 1)]
+    whole = {s.table: s.rank for s in plan if s.table != 1}
+    assert whole == {2: 0, 3: 1, 4: 1, 0: 0}  # 40 -> rank 0, 30 -> rank 1, 20 -> rank 1, 10 -> rank 0
+    assert plan_tables([5, 3], world_size=4) == [
+        Shard(t, rows * r // 4, rows * (r + 1) // 4, r) for r in range(4) for t, rows in enumerate([5, 3])
+    ]  # fewer tables than ranks: every table split
+
+
+def test_exchange_bytes_for_the_medium_configuration() -> None:
+    for world_size, expected in [(2, 256 * 64 * 4), (8, 7 * 64 * 64 * 4)]:
+        plan = plan_tables([3_000_000], world_size)
+        assert distributed_utils.exchange_bytes(plan, 0, world_size, 512, 64) == expected
