@@ -742,8 +742,9 @@ def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLo
 
 
 @contextlib.contextmanager
-def profiling(enabled: bool, device_type: str) -> Iterator[None]:
-    """With ``--enable-profiling``: a torch.profiler trace and a table of the slowest ops, in the working dir."""
+def profiling(enabled: bool, device_type: str, name: str = "dlrm_s_pytorch") -> Iterator[None]:
+    """With ``--enable-profiling``: a torch.profiler trace (``name``.json) and a table of the slowest ops
+    (``name``.prof), in the working directory."""
     if not enabled:
         yield
         return
@@ -752,10 +753,10 @@ def profiling(enabled: bool, device_type: str) -> Iterator[None]:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         yield
-    prof.export_chrome_trace("dlrm_s_pytorch.json")
+    prof.export_chrome_trace(f"{name}.json")
     sort_by = "self_cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
-    Path("dlrm_s_pytorch.prof").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=30))
-    print("Profile written to dlrm_s_pytorch.json (chrome trace) and dlrm_s_pytorch.prof (top ops)")
+    Path(f"{name}.prof").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=30))
+    print(f"Profile written to {name}.json (chrome trace) and {name}.prof (top ops)")
 
 
 def apply_environment(env: dict[str, str], argv: list[str]) -> None:
@@ -836,7 +837,8 @@ def main(argv: list[str]) -> int:
     loader = make_loader(args, sizes, backend, model.shards, ranks)
     if args.debug_mode:
         print(f"model sizes: {sizes}, torch threads: {torch.get_num_threads()}\n{model}")
-    with profiling(args.enable_profiling, backend.device_type):
+    profile_name = f"dlrm_s_pytorch.rank{ranks.rank}" if ranks.world_size > 1 else "dlrm_s_pytorch"
+    with profiling(args.enable_profiling, backend.device_type, profile_name):
         try:
             train(args, model, loader, backend)
         except DivergedError as e:
