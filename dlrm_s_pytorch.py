@@ -768,9 +768,8 @@ def apply_environment(env: dict[str, str], argv: list[str]) -> None:
     os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *argv])
 
 
-def join_ranks(args: argparse.Namespace, backend: Backend) -> Ranks:
-    """This process's rank; with a launcher (or ``--distributed``) it joins the process group first."""
-    ranks = distributed_utils.launched_ranks()
+def join_ranks(args: argparse.Namespace, backend: Backend, ranks: Ranks | None) -> Ranks:
+    """This process's rank; started by a launcher (``ranks``) or with ``--distributed``, it joins the group."""
     if ranks is None and not args.distributed:
         return Ranks(0, 1, 0, 1)
     if ranks is None:  # --distributed without a launcher: a group of one
@@ -786,6 +785,20 @@ def join_ranks(args: argparse.Namespace, backend: Backend) -> Ranks:
     except (RuntimeError, ValueError) as e:
         raise UsageError(f"{ranks.world_size} ranks: {backend.process_group} cannot start ({first_line(e)})") from None
     return ranks
+
+
+def build(
+    args: argparse.Namespace, sizes: Sizes, backend: Backend, ranks: Ranks
+) -> tuple[DLRM, torch.utils.data.DataLoader]:
+    """This rank's model (its tables, by the printed plan, when distributed) and its loader."""
+    shards, exchange = None, None
+    if dist.is_initialized():
+        plan = distributed_utils.plan_tables(sizes.tables, ranks.world_size)
+        print(distributed_utils.describe_plan(plan, ranks.world_size, args.mini_batch_size, sizes.embedding_dim))
+        shards = [shard for shard in plan if shard.rank == ranks.rank]
+        exchange = EmbeddingExchange(plan, ranks.rank, ranks.world_size, args.mini_batch_size, sizes.embedding_dim)
+    model = DLRM(args, sizes, backend.kernels, shards, exchange).to(backend.device)
+    return model, make_loader(args, sizes, backend, model.shards, ranks)
 
 
 def first_line(error: BaseException) -> str:
@@ -810,7 +823,7 @@ def main(argv: list[str]) -> int:
             raise UsageError(f"--world_size {args.world_size}: nccl needs a GPU per rank, {gpus} here")
         if launched is None and args.world_size > 1:  # start the ranks, each of them this script
             return distributed_utils.spawn_ranks([sys.executable, os.path.abspath(__file__), *argv], args.world_size)
-        ranks = join_ranks(args, backend)
+        ranks = join_ranks(args, backend, launched)
     except (DeviceUnavailable, UsageError, ValueError) as e:
         print(f"dlrm_s_pytorch.py: error: {e}", file=sys.stderr)
         return 2
@@ -827,14 +840,7 @@ def main(argv: list[str]) -> int:
     if args.hmp_verbose:
         print(f"bf16 ops: {', '.join(sorted(BF16_OPS))}; fp32 ops: {', '.join(sorted(FP32_OPS))}")
 
-    shards, exchange = None, None
-    if dist.is_initialized():
-        plan = distributed_utils.plan_tables(sizes.tables, ranks.world_size)
-        print(distributed_utils.describe_plan(plan, ranks.world_size, args.mini_batch_size, sizes.embedding_dim))
-        shards = [shard for shard in plan if shard.rank == ranks.rank]
-        exchange = EmbeddingExchange(plan, ranks.rank, ranks.world_size, args.mini_batch_size, sizes.embedding_dim)
-    model = DLRM(args, sizes, backend.kernels, shards, exchange).to(backend.device)
-    loader = make_loader(args, sizes, backend, model.shards, ranks)
+    model, loader = build(args, sizes, backend, ranks)
     if args.debug_mode:
         print(f"model sizes: {sizes}, torch threads: {torch.get_num_threads()}\n{model}")
     profile_name = f"dlrm_s_pytorch.rank{ranks.rank}" if ranks.world_size > 1 else "dlrm_s_pytorch"
