@@ -16,7 +16,12 @@ run: $(VENV)/installed
 test: $(VENV)/installed
 	$(PY) -m pytest -q tests
 
-bench: $(VENV)/installed
+$(VENV)/peers: bench/requirements-peers.txt $(VENV)/installed
+	$(PY) -m pip install --quiet -r bench/requirements-peers.txt
+	$(PY) -m pip install --quiet --no-deps torchrec==1.8.0
+	touch $@
+
+bench: $(VENV)/peers
 	$(PY) bench/bench.py
 
 lint: $(VENV)/installed

@@ -143,12 +143,12 @@ class TorchKernels:
         self, name: str, lr: float, weight: Tensor, moments: Tensor | None, bags: BagBatch, grads: Tensor
     ) -> None:
         """SGD ``w[r] -= lr * g`` or Adagrad ``m[r] += g**2; w[r] -= lr * g / (sqrt(m[r]) + 1e-10)``."""
-        rows = bags.unique_indices[: bags.num_unique]
+        rows = bags.unique_indices[: bags.num_unique].long()  # index_add_ on the CPU is 3x slower with int32
         if name == "adagrad":
             moments.index_add_(0, rows, grads * grads)
             std = moments.index_select(0, rows).sqrt_().add_(ADAGRAD_EPS)
             grads = grads / std
-        weight.index_add_(0, rows, grads, alpha=-lr)
+        weight.index_add_(0, rows, grads.mul_(-lr))  # index_add_ with alpha is 4x slower on the CPU
 
 
 class _EmbeddingBagSum(torch.autograd.Function):
