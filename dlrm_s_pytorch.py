@@ -686,19 +686,35 @@ def distributed_loss(loss: Tensor) -> float:
     return total.item()
 
 
-def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLoader, backend: Backend) -> None:
-    training = not args.inference_only
-    distributed = dist.is_initialized()
-    if training:
-        for table in model.embeddings:
-            table.set_optimizer(args.optimizer, args.learning_rate)
-        params = list(model.dense.parameters())
-        # DDP averages the gradients at the end of backward, so then the dense optimizer steps after it
-        optimizer = backend.dense_optimizer(params, args.optimizer, args.learning_rate, in_backward=not distributed)
-    dense_path = backend.compile(model.dense)
+def dense_step(args: argparse.Namespace, dense: DensePath, backend: Backend):
+    """The dense path as the loop calls it (compiled in lazy mode, in DDP when distributed), and its optimizer."""
+    distributed, training = dist.is_initialized(), not args.inference_only
+    copies = None
+    if training and dense.bf16 and backend.lazy and backend.bf16_copies and not distributed:
+        copies = {name: p.detach().to(torch.bfloat16).requires_grad_() for name, p in dense.named_parameters()}
+
+    def with_bf16_copies(*inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.func.functional_call(dense, copies, inputs)
+
+    dense_path = backend.compile(with_bf16_copies if copies else dense)
     if distributed:
         device_ids = [backend.device.index] if backend.device.type == "cuda" else None
         dense_path = DistributedDataParallel(dense_path, device_ids=device_ids)
+    if not training:
+        return dense_path, None
+    # DDP averages the gradients at the end of backward, so then the dense optimizer steps after it
+    optimizer = backend.dense_optimizer(
+        list(dense.parameters()), args.optimizer, args.learning_rate, not distributed, copies and [*copies.values()]
+    )
+    return dense_path, optimizer
+
+
+def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLoader, backend: Backend) -> None:
+    training = not args.inference_only
+    if training:
+        for table in model.embeddings:
+            table.set_optimizer(args.optimizer, args.learning_rate)
+    dense_path, optimizer = dense_step(args, model.dense, backend)
     warmup = backend.warmup_iterations if backend.lazy else 0
     phase = "training" if training else "inference"
     nbatches = len(loader)

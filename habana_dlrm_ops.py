@@ -247,27 +247,37 @@ class CompiledDenseOptimizer:
 
     The compiled dense path hands back all its gradients at once anyway, so updating them in one call costs no
     memory, and each parameter's update becomes one fused pass (no temporaries, one launch on a GPU).
+
+    With ``bf16_copies`` (bf16 runs), the forward reads those copies of the parameters and the gradients land
+    on them; the same pass upcasts each gradient, updates the fp32 parameter and writes its bf16 copy. That is
+    autocast's arithmetic without its casts of every weight and gradient each iteration.
     """
 
-    def __init__(self, params: list[nn.Parameter], name: str, lr: float) -> None:
+    def __init__(
+        self, params: list[nn.Parameter], name: str, lr: float, bf16_copies: list[Tensor] | None = None
+    ) -> None:
         if name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r}")
-        self.params, self.name, self.lr = params, name, lr
+        self.params, self.name, self.lr, self.copies = params, name, lr, bf16_copies
         self.state = [torch.zeros_like(p) for p in params] if name == "adagrad" else []
         self._update = torch.compile(self._update_all, fullgraph=True, dynamic=False)
 
     @torch.no_grad()
     def step(self) -> None:
-        self._update([p.grad for p in self.params])
-        for param in self.params:
-            param.grad = None
+        holders = self.copies or self.params
+        self._update([t.grad for t in holders])
+        for holder in holders:
+            holder.grad = None
 
     def _update_all(self, grads: list[Tensor]) -> None:
-        for param, grad, index in zip(self.params, grads, range(len(grads)), strict=True):
+        for index, (param, grad) in enumerate(zip(self.params, grads, strict=True)):
+            grad = grad.float()  # a bf16 copy's gradient, upcast as autocast would
             if self.name == "adagrad":
                 adagrad_update(param, grad, self.state[index], self.lr)
             else:
                 param.add_(grad, alpha=-self.lr)
+            if self.copies:
+                self.copies[index].copy_(param)
 
 
 def torch_optimizer(params: list[nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
@@ -307,6 +317,7 @@ class Backend:
     dense_chunk: int | None = DENSE_CHUNK
     compile_options: dict = {}
     warmup_iterations = 1  # lazy mode: iterations that compile, kept out of ms/it
+    bf16_copies = True  # lazy bf16: the optimizer keeps bf16 copies of the weights (measured here only)
 
     def __init__(self, lazy: bool, local_rank: int = 0) -> None:
         self.lazy = lazy
@@ -323,11 +334,16 @@ class Backend:
         return torch.compile(fn, fullgraph=True, dynamic=False, **self.compile_options) if self.lazy else fn
 
     def dense_optimizer(
-        self, params: list[nn.Parameter], name: str, lr: float, in_backward: bool = True
+        self,
+        params: list[nn.Parameter],
+        name: str,
+        lr: float,
+        in_backward: bool = True,
+        bf16_copies: list[Tensor] | None = None,
     ) -> DenseOptimizer | CompiledDenseOptimizer | StepAfterBackward:
         """Eager: inside backward, unless the gradients must first be averaged across ranks; lazy: compiled."""
         if self.lazy:
-            return CompiledDenseOptimizer(params, name, lr)
+            return CompiledDenseOptimizer(params, name, lr, bf16_copies)
         if in_backward:
             return DenseOptimizer(params, name, lr, chunk=self.dense_chunk)
         return StepAfterBackward(torch_optimizer(params, name, lr))
@@ -354,6 +370,7 @@ class CUDABackend(Backend):
     dense_chunk = None  # memory is not short, kernel launches are
     compile_options = {"mode": "reduce-overhead"}
     warmup_iterations = 3  # compile, record the graphs, first replay
+    bf16_copies = False  # not yet measured on a GPU
 
     def __init__(self, lazy: bool, local_rank: int = 0) -> None:
         super().__init__(lazy)
@@ -415,6 +432,7 @@ class HPUBackend(Backend):
     banner = "Using HPU..."
     process_group = "hccl"
     dense_chunk = None
+    bf16_copies = False
 
     def __init__(self, lazy: bool, local_rank: int = 0) -> None:
         super().__init__(lazy)
@@ -440,7 +458,12 @@ class HPUBackend(Backend):
         return fn
 
     def dense_optimizer(
-        self, params: list[nn.Parameter], name: str, lr: float, in_backward: bool = True
+        self,
+        params: list[nn.Parameter],
+        name: str,
+        lr: float,
+        in_backward: bool = True,
+        bf16_copies: list[Tensor] | None = None,
     ) -> StepAfterBackward:
         if name == "adagrad":
             return StepAfterBackward(self.optimizers.FusedAdagrad(params, lr=lr, eps=ADAGRAD_EPS))

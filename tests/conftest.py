@@ -36,3 +36,14 @@ def finished_lines(stdout: str) -> list[dict]:
                      loss=float(loss), accuracy=float(accuracy))
             )  # fmt: skip
     return rows
+
+
+WEIGHT = re.compile(r"^updated (.+?):\n(tensor\(.*?\))$", re.M | re.S)
+NUMBER = re.compile(r"-?\d+\.\d*(?:e[+-]?\d+)?")
+
+
+def printed_weights(stdout: str) -> dict:
+    """The ``--debug-mode`` dump of the trained weights: name -> values (a flat tensor)."""
+    import torch
+
+    return {name: torch.tensor([float(x) for x in NUMBER.findall(text)]) for name, text in WEIGHT.findall(stdout)}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, finished_lines, run_script
+from conftest import ROOT, finished_lines, printed_weights, run_script
 
 import distributed_utils
 import dlrm_s_pytorch
@@ -23,8 +23,6 @@ CASES = {
     "tables-cat-adagrad": ["--arch-embedding-size=40-7-200-25", "--arch-mlp-top=20-6-1", "--optimizer=adagrad"],
     "one-table-split-adagrad": ["--arch-embedding-size=200", "--arch-mlp-top=8-6-1", "--optimizer=adagrad"],
 }
-WEIGHT = re.compile(r"^updated (.+?):\n(tensor\(.*?\))$", re.M | re.S)
-NUMBER = re.compile(r"-?\d+\.\d*(?:e[+-]?\d+)?")
 
 
 def run_ranks(argv: list[str], world_size: int = 2, timeout: float = 300) -> list[subprocess.CompletedProcess]:
@@ -41,11 +39,6 @@ def run_ranks(argv: list[str], world_size: int = 2, timeout: float = 300) -> lis
         stdout, stderr = p.communicate(timeout=timeout)
         results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout.decode(), stderr.decode()))
     return results
-
-
-def weights(stdout: str) -> dict[str, torch.Tensor]:
-    """The ``--debug-mode`` dump of the trained weights: name -> values."""
-    return {name: torch.tensor([float(x) for x in NUMBER.findall(text)]) for name, text in WEIGHT.findall(stdout)}
 
 
 def whole_tables(parts: dict[str, torch.Tensor], dim: int) -> dict[int, torch.Tensor]:
@@ -72,14 +65,14 @@ def test_two_ranks_equal_one_rank(name: str) -> None:
     if name == "one-table-split-adagrad":
         assert "rank 0: table 0 rows 0-99\n  rank 1: table 0 rows 100-199" in ranks[0].stdout
 
-    reference = weights(alone.stdout)
-    split = weights(ranks[0].stdout) | weights(ranks[1].stdout)
+    reference = printed_weights(alone.stdout)
+    split = printed_weights(ranks[0].stdout) | printed_weights(ranks[1].stdout)
     tables = whole_tables(split, dim=4)
     assert sorted(tables) == sorted(whole_tables(reference, dim=4))
     for t, table in whole_tables(reference, dim=4).items():
         torch.testing.assert_close(tables[t], table, atol=1e-5, rtol=0)
     for rank in ranks:  # the MLPs, kept equal by DDP
-        mlp = {k: v for k, v in weights(rank.stdout).items() if "mlp" in k}
+        mlp = {k: v for k, v in printed_weights(rank.stdout).items() if "mlp" in k}
         assert mlp.keys() == {k for k in reference if "mlp" in k}
         for key, values in mlp.items():
             torch.testing.assert_close(values, reference[key], atol=1e-5, rtol=0)
