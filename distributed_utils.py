@@ -57,15 +57,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_environment(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The environment torchrun gives local rank ``rank`` of ``world_size``, meeting on 127.0.0.1:``port``."""
+    return dict(
+        os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+
+
 def spawn_ranks(command: list[str], world_size: int) -> int:
     """Run ``command`` as ``world_size`` local ranks; the first rank to fail stops the others. Its exit code."""
-    port = str(free_port())
-    processes = []
-    for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-        env.update(LOCAL_WORLD_SIZE=str(world_size))
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        processes.append(subprocess.Popen(command, env=env))
+    port = free_port()
+    processes = [subprocess.Popen(command, env=rank_environment(r, world_size, port)) for r in range(world_size)]
     try:
         while True:
             codes = [p.poll() for p in processes]

@@ -466,18 +466,23 @@ def shard_bags(indices: Tensor, offsets: Tensor, shard: Shard) -> tuple[Tensor, 
 class Preprocessor:
     """The loader's collate function: a raw global batch -> this rank's ``Batch``, with fixed-size buffers."""
 
-    def __init__(self, args: argparse.Namespace, shards: list[Shard], ranks: Ranks, group: RowGrouper) -> None:
+    def __init__(
+        self, args: argparse.Namespace, sizes: Sizes, shards: list[Shard], ranks: Ranks, group: RowGrouper
+    ) -> None:
         self.batch_size, self.capacity = args.mini_batch_size, args.num_indices_per_lookup * args.mini_batch_size
         self.shards, self.ranks, self.group = shards, ranks, group
+        self.whole = [shard.start == 0 and shard.stop == sizes.tables[shard.table] for shard in shards]
 
     def __call__(self, raw: tuple[Tensor, list[Tensor], list[Tensor], Tensor]) -> Batch:
         dense, offsets, indices, targets = raw
         local_batch = self.batch_size // self.ranks.world_size
         mine = slice(self.ranks.rank * local_batch, (self.ranks.rank + 1) * local_batch)
         bags = []
-        for shard in self.shards:
-            shard_indices, shard_offsets = shard_bags(indices[shard.table], offsets[shard.table], shard)
-            bags.append(preprocess_bags(shard_indices, shard_offsets, self.batch_size, self.capacity, self.group))
+        for shard, whole in zip(self.shards, self.whole, strict=True):
+            table_indices, table_offsets = indices[shard.table], offsets[shard.table]
+            if not whole:
+                table_indices, table_offsets = shard_bags(table_indices, table_offsets, shard)
+            bags.append(preprocess_bags(table_indices, table_offsets, self.batch_size, self.capacity, self.group))
         return Batch(dense[mine], bags, targets[mine], dense.size(0))
 
 
@@ -491,7 +496,7 @@ def make_loader(
         batch_size=None,
         shuffle=False,
         num_workers=args.num_workers,
-        collate_fn=Preprocessor(args, shards, ranks, backend.group_rows),
+        collate_fn=Preprocessor(args, sizes, shards, ranks, backend.group_rows),
         pin_memory=backend.pin_memory,
     )
 

@@ -467,7 +467,7 @@ class HPUBackend(Backend):
     ) -> StepAfterBackward:
         if name == "adagrad":
             return StepAfterBackward(self.optimizers.FusedAdagrad(params, lr=lr, eps=ADAGRAD_EPS))
-        return StepAfterBackward(torch.optim.SGD(params, lr=lr))
+        return StepAfterBackward(torch_optimizer(params, name, lr))
 
     def mark_step(self) -> None:
         if self.lazy:

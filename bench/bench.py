@@ -58,25 +58,30 @@ def gemm_gflops(dtype: torch.dtype, repeats: int = 10) -> float:
     return max(rates[1:])
 
 
-def run_medium(precision: str, mode: str, iterations: int) -> dict:
-    """One run of the medium configuration: its per-iteration times and its peak resident memory."""
+def script_times(flags: list[str], iterations: int) -> tuple[list[float], float]:
+    """Run the training script on the CPU: its per-iteration ms after the first, and its peak RSS in GB."""
     command = [
-        sys.executable, str(ROOT / "dlrm_s_pytorch.py"), "--config", str(MEDIUM).format(precision),
-        f"--num-batches={iterations}", "--print-freq=1", "--device=cpu", f"--mode={mode}",
+        sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *flags, f"--num-batches={iterations}",
+        "--print-freq=1", "--print-time", "--device=cpu",
     ]  # fmt: skip
-    gemm_before = gemm_gflops(PRECISIONS[precision])
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     stdout, stderr = process.stdout.read(), process.stderr.read()
     _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage, unlike RUSAGE_CHILDREN
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"bench: the {precision} {mode} run failed:\n{stderr}")
-    times = [float(ms) for ms in MS_PER_IT.findall(stdout)][1:]
+        sys.exit(f"bench: {' '.join(flags)} failed:\n{stderr}")
+    return [float(ms) for ms in MS_PER_IT.findall(stdout)][1:], usage.ru_maxrss * 1024 / 1e9
+
+
+def run_medium(precision: str, mode: str, iterations: int) -> dict:
+    """One run of the medium configuration: its per-iteration times and its peak resident memory."""
+    gemm_before = gemm_gflops(PRECISIONS[precision])
+    times, peak_rss_gb = script_times(["--config", str(MEDIUM).format(precision), f"--mode={mode}"], iterations)
     ms = statistics.median(times)
     gemm = max(gemm_before, gemm_gflops(PRECISIONS[precision]))  # measured just before and just after the run
     floor_ms = 1000 * mlp_gflop_per_iteration(precision) / gemm
     return dict(
         precision=precision, mode=mode, iterations=iterations, ms_per_it=ms, samples_per_s=BATCH * 1000 / ms,
-        peak_rss_gb=usage.ru_maxrss * 1024 / 1e9, gemm_gflops=gemm, floor_ms=floor_ms, ms_over_floor=ms / floor_ms,
+        peak_rss_gb=peak_rss_gb, gemm_gflops=gemm, floor_ms=floor_ms, ms_over_floor=ms / floor_ms,
         per_iteration_ms=times,
     )  # fmt: skip
 
@@ -97,14 +102,8 @@ def run_kaggle(mode: str, iterations: int) -> float:
     sys.path.insert(0, str(ROOT / "bench"))
     from peers import KAGGLE_FLAGS
 
-    command = [
-        sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *KAGGLE_FLAGS, f"--num-batches={iterations}",
-        "--print-freq=1", "--print-time", "--measure-perf", "--device=cpu", f"--mode={mode}",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if result.returncode != 0:
-        sys.exit(f"bench: the Kaggle-shaped {mode} run failed:\n{result.stderr}")
-    return statistics.median([float(ms) for ms in MS_PER_IT.findall(result.stdout)][1:])
+    times, _ = script_times([*KAGGLE_FLAGS, "--measure-perf", f"--mode={mode}"], iterations)
+    return statistics.median(times)
 
 
 def print_table(title: str, columns: tuple[str, ...], rows: list[tuple]) -> None:

@@ -1,6 +1,5 @@
 """Hybrid-parallel training (SPEC §7) with gloo on this machine: 2 ranks against 1, the launchers, failures."""
 
-import os
 import re
 import signal
 import subprocess
@@ -27,11 +26,10 @@ CASES = {
 
 def run_ranks(argv: list[str], world_size: int = 2, timeout: float = 300) -> list[subprocess.CompletedProcess]:
     """The ranks as torchrun starts them (RANK, WORLD_SIZE, MASTER_*), each with its own output."""
-    port = str(distributed_utils.free_port())
+    port = distributed_utils.free_port()
     processes = []
     for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-        env.update(LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env = distributed_utils.rank_environment(rank, world_size, port)
         command = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *argv]
         processes.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     results = []
@@ -142,10 +140,10 @@ def test_mpirun_runs_the_small_configuration(mpirun: Path) -> None:
 
 
 def test_a_killed_rank_stops_the_other_within_60_s() -> None:
-    port = str(distributed_utils.free_port())
+    port = distributed_utils.free_port()
     processes = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env = distributed_utils.rank_environment(rank, 2, port)
         command = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *SMALL[:2], "--num-batches=100000"]
         processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     survivor, victim = processes
