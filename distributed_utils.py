@@ -94,6 +94,7 @@ def _mpi_rendezvous() -> None:
         return
     address = (socket.gethostname(), str(free_port())) if MPI.COMM_WORLD.Get_rank() == 0 else None
     address = MPI.COMM_WORLD.bcast(address, root=0)
+    MPI.Finalize()  # MPI's only job here; ranks leave through os._exit, which would skip finalizing it
     os.environ.setdefault("MASTER_ADDR", address[0])
     os.environ.setdefault("MASTER_PORT", address[1])
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -875,15 +876,24 @@ def main(argv: list[str]) -> int:
             if not dist.is_initialized():
                 raise
             print(f"dlrm_s_pytorch.py: error: rank {ranks.rank} stopped: {first_line(e)}", file=sys.stderr)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)  # the process group is broken: tearing it down could abort or hang
+            leave_group(1)  # the process group is broken: tearing it down could abort or hang
     if args.debug_mode:
         for name, weight in model.named_weights():
             print(f"updated {name}:\n{weight.detach()}")
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+        leave_group(0)
     return 0
+
+
+def leave_group(code: int) -> NoReturn:
+    """Exit a distributed rank without interpreter finalization: DDP still holds the process group there,
+    and destroying gloo's worker threads that late sometimes aborts ("terminate called without an active
+    exception")."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
