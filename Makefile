@@ -1,4 +1,5 @@
-# `make run` trains the small configuration; `make test` runs the suite; both create .venv when missing.
+# `make run` trains the small configuration; `make test` runs the suite (with the optional packages the tests
+# use, requirements-extras.txt); both create .venv when missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,11 @@ $(VENV)/installed: requirements.txt
 run: $(VENV)/installed
 	$(PY) dlrm_s_pytorch.py --config hb_configs/small.yaml
 
-test: $(VENV)/installed
+$(VENV)/extras: requirements-extras.txt $(VENV)/installed
+	$(PY) -m pip install --quiet -r requirements-extras.txt
+	touch $@
+
+test: $(VENV)/extras
 	$(PY) -m pytest -q tests
 
 $(VENV)/peers: bench/requirements-peers.txt $(VENV)/installed

@@ -188,22 +188,23 @@ class _AllToAll(torch.autograd.Function):
 class EmbeddingExchange:
     """Pooled embeddings of this rank's shards for the global batch -> every table's, for this rank's samples."""
 
-    def __init__(self, plan: list[Shard], rank: int, world_size: int, batch_size: int, dim: int) -> None:
-        self.world_size, self.local_batch, self.dim = world_size, batch_size // world_size, dim
+    def __init__(self, plan: list[Shard], rank: int, world_size: int, dim: int) -> None:
+        self.rank, self.world_size, self.dim = rank, world_size, dim
         self.shards_of = [[s for s in plan if s.rank == r] for r in range(world_size)]
         self.num_tables = 1 + max(s.table for s in plan)
-        size = self.local_batch * dim
-        self.send_splits = [len(self.shards_of[rank]) * size] * world_size
-        self.receive_splits = [len(shards) * size for shards in self.shards_of]
 
-    def __call__(self, pooled: list[Tensor]) -> list[Tensor]:
+    def __call__(self, pooled: list[Tensor], local_batch: int) -> list[Tensor]:
+        """``pooled``: this rank's shards for the global batch; ``local_batch``: the samples each rank owns."""
+        size = local_batch * self.dim
+        send_splits = [len(self.shards_of[self.rank]) * size] * self.world_size
+        receive_splits = [len(shards) * size for shards in self.shards_of]
         # [shards, ranks, local batch, dim] -> grouped by the rank that owns the samples
-        sent = torch.stack(pooled).view(len(pooled), self.world_size, self.local_batch, self.dim)
-        received = _AllToAll.apply(sent.transpose(0, 1).reshape(-1), self.send_splits, self.receive_splits)
+        sent = torch.stack(pooled).view(len(pooled), self.world_size, local_batch, self.dim)
+        received = _AllToAll.apply(sent.transpose(0, 1).reshape(-1), send_splits, receive_splits)
         tables: list[Tensor | None] = [None] * self.num_tables
-        pieces = received.split([len(shards) * self.local_batch * self.dim for shards in self.shards_of])
+        pieces = received.split(receive_splits)
         for shards, piece in zip(self.shards_of, pieces, strict=True):
-            for shard, rows in zip(shards, piece.view(-1, self.local_batch, self.dim), strict=True):
+            for shard, rows in zip(shards, piece.view(-1, local_batch, self.dim), strict=True):
                 # a table split by rows arrives as partial sums, one from each rank
                 tables[shard.table] = rows if tables[shard.table] is None else tables[shard.table] + rows
         return tables

@@ -1,7 +1,8 @@
-"""DLRM training on random data: the Habana Gaudi port's script, runnable on a CPU.
+"""DLRM training: the Habana Gaudi port's script, runnable on a CPU, an NVIDIA GPU or a Gaudi card.
 
-Read top to bottom: the command line and its checks, the random data and its preprocessing, the model, the
-training loop. ``../shared/SPEC.md`` is the contract this file keeps.
+Read top to bottom: the command line and its checks, the data (random, trace-driven or Criteo) and its
+preprocessing, the model, the training loop with its tests, checkpoints and metrics, and the export for serving.
+``../shared/SPEC.md`` is the contract this file keeps.
 
     python dlrm_s_pytorch.py --config hb_configs/small.yaml
 """
@@ -10,11 +11,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import itertools
+import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +33,10 @@ import yaml
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+import data_utils
 import distributed_utils
+import trace_data
+from data_utils import DataError
 from distributed_utils import EmbeddingExchange, Ranks, Shard
 from habana_dlrm_ops import (
     OPTIMIZERS,
@@ -61,7 +70,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of the original script and its launcher, with the original names, types and defaults."""
-    p = _Parser(description="Train DLRM (Deep Learning Recommendation Model) on random data.")
+    p = _Parser(description="Train DLRM (Deep Learning Recommendation Model) on random, synthetic or Criteo data.")
     add = p.add_argument
     # model
     add("--arch-sparse-feature-size", type=int, default=2, help="embedding dimension")
@@ -93,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--processed-data-file", type=str, default="")
     add("--data-randomize", type=str, default="total", choices=["total", "day", "none"])
     add("--data-trace-enable-padding", action="store_true", default=False)
-    add("--max-ind-range", type=int, default=-1)
-    add("--data-sub-sample-rate", type=float, default=0.0)
+    add("--max-ind-range", type=int, default=-1, help="Criteo: fold category ids into this many rows per table")
+    add("--data-sub-sample-rate", type=float, default=0.0, help="Criteo: drop this fraction of negative samples")
+    add("--skip-bad-lines", action="store_true", default=False, help="Criteo: skip and count malformed lines")
     add("--num-indices-per-lookup", type=int, default=10, help="largest bag")
     add("--num-indices-per-lookup-fixed", action="store_true", default=False)
     add("--num-workers", type=int, default=0, help="data loader processes that prefetch batches")
@@ -108,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sync-dense-params", type=_parse_bool, default=True)
     add("--optimizer", type=str, default="sgd", choices=list(OPTIMIZERS))
     add("--inference-only", action="store_true", default=False)
-    add("--save-onnx", action="store_true", default=False)
+    add("--save-onnx", nargs="?", const="dlrm_s_pytorch.onnx", default=False, help="export the model to ONNX [FILE]")
     add("--use-gpu", action="store_true", default=False)
     add("--print-freq", type=int, default=20)
     add("--test-freq", type=int, default=-1)
@@ -118,8 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--debug-mode", action="store_true", default=False)
     add("--enable-profiling", action="store_true", default=False)
     add("--plot-compute-graph", action="store_true", default=False)
-    add("--save-model", type=str, default="")
-    add("--load-model", type=str, default="")
+    add("--save-model", type=str, default="", help="checkpoint file, written at the end and on SIGINT/SIGTERM")
+    add("--save-freq", type=int, default=0, help="also save the checkpoint every N iterations")
+    add("--load-model", type=str, default="", help="resume from (or, with --inference-only, evaluate) a checkpoint")
+    add("--metrics-file", type=str, default="", help="append each printed window and test as a JSON line")
+    add("--tensorboard", type=str, default="", help="also write the metrics to TensorBoard in this directory")
     add("--mlperf-logging", action="store_true", default=False)
     add("--mlperf-acc-threshold", type=float, default=0.0)
     add("--mlperf-auc-threshold", type=float, default=0.0)
@@ -259,18 +272,10 @@ def model_sizes(args: argparse.Namespace) -> Sizes:
     return Sizes(bottom[0], dim, tables, bottom, [interaction, *top])
 
 
-LATER_DATA = "is not available yet: this release trains on random data, without testing or checkpoints"
 NO_QR_MD = "is not supported: the custom embedding op has no quotient-remainder or mixed-dimension variant"
 
 # (flag, whether the parsed value asks for it, why it cannot run)
 UNAVAILABLE = [
-    ("--data-generation", lambda a: a.data_generation != "random", LATER_DATA),
-    *[(flag, None, LATER_DATA) for flag in (
-        "--data-trace-file", "--data-set", "--raw-data-file", "--processed-data-file", "--data-randomize",
-        "--data-trace-enable-padding", "--max-ind-range", "--data-sub-sample-rate", "--memory-map",
-        "--mlperf-bin-loader", "--mlperf-bin-shuffle", "--test-freq", "--test-mini-batch-size",
-        "--test-num-workers", "--mlperf-logging", "--mlperf-acc-threshold", "--mlperf-auc-threshold",
-        "--save-model", "--load-model", "--save-onnx", "--plot-compute-graph")],
     *[(flag, None, NO_QR_MD) for flag in (
         "--md-flag", "--md-threshold", "--md-temperature", "--md-round-dims",
         "--qr-flag", "--qr-threshold", "--qr-operation", "--qr-collisions")],
@@ -278,6 +283,15 @@ UNAVAILABLE = [
     ("--sync-dense-params false", lambda a: not a.sync_dense_params, "is not supported: dense weights stay in sync"),
     ("--hmp-opt-level", lambda a: a.hmp_opt_level != "O1", "is not supported: only O1 (the original's op lists)"),
 ]  # fmt: skip
+
+# Flags that only mean something with one kind of data
+DATA_FLAGS = {
+    "dataset": (
+        "data_set", "raw_data_file", "processed_data_file", "data_randomize", "max_ind_range", "data_sub_sample_rate",
+        "skip_bad_lines", "memory_map", "mlperf_bin_loader", "mlperf_bin_shuffle", "test_freq", "test_mini_batch_size",
+        "test_num_workers", "mlperf_acc_threshold", "mlperf_auc_threshold"),
+    "synthetic": ("data_trace_file", "data_trace_enable_padding"),
+}  # fmt: skip
 
 # The original's op lists for bf16: matrix products in bf16, losses and embeddings in fp32.
 BF16_OPS = {"addmm", "bmm", "dot", "mm", "mv", "linear"}
@@ -304,6 +318,46 @@ def _check_memory(args: argparse.Namespace, sizes: Sizes) -> None:
             f"--arch-*, --mini-batch-size: the model, its optimizer state and one batch need {needed / 1e9:.1f} GB, "
             f"more than this machine's {available / 1e9:.1f} GB of memory"
         )
+
+
+def _check_data_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    for generation, dests in DATA_FLAGS.items():
+        for dest in dests:
+            if args.data_generation != generation and getattr(args, dest) != parser.get_default(dest):
+                raise UsageError(f"--{dest.replace('_', '-')}: applies only with --data-generation {generation}")
+    if args.data_generation != "dataset":
+        return
+    if not args.raw_data_file and not args.processed_data_file:
+        raise UsageError("--data-generation dataset: needs --raw-data-file or --processed-data-file")
+    if not 0.0 <= args.data_sub_sample_rate < 1.0:
+        raise UsageError(f"--data-sub-sample-rate: must be in [0, 1), got {args.data_sub_sample_rate}")
+    if args.max_ind_range == 0 or args.max_ind_range < -1:
+        raise UsageError(f"--max-ind-range: must be positive (or -1: no limit), got {args.max_ind_range}")
+    if args.mlperf_bin_shuffle and not args.mlperf_bin_loader:
+        raise UsageError("--mlperf-bin-shuffle: applies only with --mlperf-bin-loader")
+    if args.test_mini_batch_size > 0 and args.test_mini_batch_size % args.world_size:
+        raise UsageError(f"--test-mini-batch-size {args.test_mini_batch_size} is not divisible by --world_size")
+    for dest in ("mlperf_acc_threshold", "mlperf_auc_threshold"):
+        if not 0.0 <= getattr(args, dest) < 1.0:
+            raise UsageError(f"--{dest.replace('_', '-')}: must be in [0, 1), got {getattr(args, dest)}")
+
+
+def _check_one_rank_flags(args: argparse.Namespace, world_size: int) -> None:
+    for flag in ("save_onnx", "plot_compute_graph"):
+        if getattr(args, flag) and world_size > 1:
+            raise UsageError(f"--{flag.replace('_', '-')}: needs one rank (distributed, each rank holds some tables)")
+
+
+def _check_run_flags(args: argparse.Namespace) -> None:
+    _check_one_rank_flags(args, args.world_size)
+    if args.save_freq < 0:
+        raise UsageError(f"--save-freq: must be zero or more, got {args.save_freq}")
+    if args.save_freq and not args.save_model:
+        raise UsageError("--save-freq: needs --save-model FILE")
+    if args.save_model and args.inference_only:
+        raise UsageError("--save-model: nothing is trained with --inference-only")
+    if args.load_model and args.measure_perf:
+        raise UsageError("--load-model: cannot resume a --measure-perf run (it replays one batch)")
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Sizes:
@@ -343,6 +397,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
         _check_op_list("--hmp-bf16", args.hmp_bf16, BF16_OPS)
     if args.hmp_fp32:
         _check_op_list("--hmp-fp32", args.hmp_fp32, FP32_OPS)
+    _check_data_flags(args, parser)
+    _check_run_flags(args)
     sizes = model_sizes(args)
     _check_memory(args, sizes)
     for flag, asks_for_it, reason in UNAVAILABLE:
@@ -464,14 +520,27 @@ def shard_bags(indices: Tensor, offsets: Tensor, shard: Shard) -> tuple[Tensor, 
     return indices[keep] - shard.start, torch.cumsum(kept, 0) - kept
 
 
+def check_indices(indices: Tensor, rows: int, table: int) -> None:
+    """Stop with the table, the index and the range when an index falls outside its table (any device)."""
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= rows):
+        bad = int(indices.min()) if int(indices.min()) < 0 else int(indices.max())
+        raise DataError(f"table {table}: index {bad} is out of its range [0, {rows})")
+
+
 class Preprocessor:
     """The loader's collate function: a raw global batch -> this rank's ``Batch``, with fixed-size buffers."""
 
     def __init__(
-        self, args: argparse.Namespace, sizes: Sizes, shards: list[Shard], ranks: Ranks, group: RowGrouper
+        self,
+        args: argparse.Namespace,
+        batch_size: int,
+        sizes: Sizes,
+        shards: list[Shard],
+        ranks: Ranks,
+        group: RowGrouper,
     ) -> None:
-        self.batch_size, self.capacity = args.mini_batch_size, args.num_indices_per_lookup * args.mini_batch_size
-        self.shards, self.ranks, self.group = shards, ranks, group
+        self.batch_size, self.capacity = batch_size, args.num_indices_per_lookup * batch_size
+        self.sizes, self.shards, self.ranks, self.group = sizes, shards, ranks, group
         self.whole = [shard.start == 0 and shard.stop == sizes.tables[shard.table] for shard in shards]
 
     def __call__(self, raw: tuple[Tensor, list[Tensor], list[Tensor], Tensor]) -> Batch:
@@ -481,32 +550,89 @@ class Preprocessor:
         bags = []
         for shard, whole in zip(self.shards, self.whole, strict=True):
             table_indices, table_offsets = indices[shard.table], offsets[shard.table]
+            check_indices(table_indices, self.sizes.tables[shard.table], shard.table)
             if not whole:
                 table_indices, table_offsets = shard_bags(table_indices, table_offsets, shard)
             bags.append(preprocess_bags(table_indices, table_offsets, self.batch_size, self.capacity, self.group))
         return Batch(dense[mine], bags, targets[mine], dense.size(0))
 
 
+def make_datasets(
+    args: argparse.Namespace, sizes: Sizes
+) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None, Sizes]:
+    """(training data, test data or None, the model's sizes): Criteo decides the tables and the dense width.
+
+    Criteo's ``--data-randomize`` draws from numpy's global generator, so this runs before the model is drawn,
+    as in the original.
+    """
+    if args.data_generation == "random":
+        return RandomDataset(args, sizes), None, sizes
+    if args.data_generation == "synthetic":
+        try:
+            return trace_data.TraceDataset(args, sizes), None, sizes
+        except ValueError as e:  # a missing or malformed trace file
+            raise UsageError(f"--data-trace-file: {e}") from None
+    train_data, test_data = data_utils.criteo_datasets(args, data_utils.prepare(args))
+    return train_data, test_data, dataset_sizes(args, train_data.counts, train_data.dense_features)
+
+
+def dataset_sizes(args: argparse.Namespace, tables: list[int], dense_features: int) -> Sizes:
+    if args.arch_mlp_bot[0] != dense_features:
+        raise UsageError(f"--arch-mlp-bot: the data has {dense_features} dense features, the first width must match")
+    if args.arch_embedding_size not in ([4, 3, 2], tables):  # the default, or what the data says
+        raise UsageError(f"--arch-embedding-size: the data's tables have {'-'.join(map(str, tables))} rows")
+    args.arch_embedding_size = list(tables)
+    return model_sizes(args)
+
+
+class BatchOrder(torch.utils.data.Sampler):
+    """Batch positions ``start`` to ``stop``: a resumed epoch starts where its checkpoint stopped."""
+
+    def __init__(self, stop: int) -> None:
+        self.start, self.stop = 0, stop
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
 def make_loader(
-    args: argparse.Namespace, sizes: Sizes, backend: Backend, shards: list[Shard], ranks: Ranks
+    args: argparse.Namespace,
+    dataset: torch.utils.data.Dataset,
+    sizes: Sizes,
+    backend: Backend,
+    shards: list[Shard],
+    ranks: Ranks,
+    test: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """Global batches generated by ``--num-workers`` processes (or this one), this rank's part kept, pinned
-    for a GPU. Every rank generates the same batches: each one's seed depends only on its position."""
+    """Global batches made by ``--num-workers`` processes (or this one), this rank's part kept, pinned for a GPU.
+    Every rank makes the same batches: each one depends only on its position."""
+    batch_size, workers, stop = args.mini_batch_size, args.num_workers, len(dataset)
+    if test:
+        batch_size = args.test_mini_batch_size if args.test_mini_batch_size > 0 else batch_size
+        workers = args.test_num_workers if args.test_num_workers >= 0 else workers
+    elif args.num_batches > 0:
+        stop = min(stop, args.num_batches)
     return torch.utils.data.DataLoader(
-        RandomDataset(args, sizes),
+        dataset,
         batch_size=None,
-        shuffle=False,
-        num_workers=args.num_workers,
-        collate_fn=Preprocessor(args, sizes, shards, ranks, backend.group_rows),
+        sampler=BatchOrder(stop),
+        num_workers=workers,
+        collate_fn=Preprocessor(args, batch_size, sizes, shards, ranks, backend.group_rows),
         pin_memory=backend.pin_memory,
     )
 
 
-def epoch_batches(loader: torch.utils.data.DataLoader, epoch: int, replayed: Batch | None) -> Iterable[Batch]:
-    """The batches of one epoch, or with ``--measure-perf`` one batch ``replayed`` every iteration."""
+def epoch_batches(
+    loader: torch.utils.data.DataLoader, epoch: int, start: int, replayed: Batch | None
+) -> Iterable[Batch]:
+    """The batches of one epoch from position ``start``, or with ``--measure-perf`` one batch ``replayed``."""
     if replayed is not None:
-        return itertools.repeat(replayed, len(loader))
+        return itertools.repeat(replayed, loader.sampler.stop - start)
     loader.dataset.epoch = epoch
+    loader.sampler.start = start
     return loader
 
 
@@ -568,7 +694,7 @@ class DensePath(nn.Module):
         """(scores, loss, stats): stats holds the loss, the correct predictions and the non-finite scores."""
         # bf16: the matrix products run in bf16 (the original's op lists); embeddings and the loss stay fp32.
         with torch.autocast(dense.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            scores = self.top_mlp(self.interact(self.bottom_mlp(dense), pooled)).float()
+            scores = self.predict(dense, pooled).float()
         finite = torch.isfinite(scores)
         scores = torch.where(finite, scores, 0.5)  # a diverged run is reported, not a crash inside the loss
         if 0.0 < self.loss_threshold < 1.0:
@@ -577,6 +703,10 @@ class DensePath(nn.Module):
         correct = (torch.round(scores) == targets).sum()
         stats = torch.stack([loss.detach(), correct.float(), (~finite).sum().float()])
         return scores, loss, stats
+
+    def predict(self, dense: Tensor, pooled: list[Tensor]) -> Tensor:
+        """The click probability of each sample."""
+        return self.top_mlp(self.interact(self.bottom_mlp(dense), pooled))
 
     def interact(self, x: Tensor, pooled: list[Tensor]) -> Tensor:
         if self.interaction == "cat":
@@ -623,13 +753,13 @@ class DLRM(nn.Module):
         self.dense = DensePath(args, sizes)
         self.exchange = exchange
 
-    def lookup(self, bags: list[BagBatch]) -> list[Tensor]:
-        """Each table's pooled embeddings for this rank's samples."""
+    def lookup(self, bags: list[BagBatch], local_batch: int) -> list[Tensor]:
+        """Each table's pooled embeddings for this rank's ``local_batch`` samples."""
         pooled = [table(table_bags) for table, table_bags in zip(self.embeddings, bags, strict=True)]
-        return self.exchange(pooled) if self.exchange else pooled
+        return self.exchange(pooled, local_batch) if self.exchange else pooled
 
     def forward(self, dense: Tensor, bags: list[BagBatch], targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.dense(dense, self.lookup(bags), targets)
+        return self.dense(dense, self.lookup(bags, dense.size(0)), targets)
 
     def named_weights(self) -> Iterator[tuple[str, Tensor]]:
         for shard, table in zip(self.shards, self.embeddings, strict=True):
@@ -657,8 +787,8 @@ class Window:
             self.timed_seconds += seconds
             self.timed += 1
 
-    def read(self) -> tuple[float, float, int]:
-        """(mean loss, accuracy, non-finite scores) of the global batches; waits for the device and the ranks."""
+    def read(self, first_it: int, last_it: int, epoch: int) -> tuple[float, float, float | None]:
+        """(mean loss, accuracy, ms/it or None) of the global batches; waits for the device and the ranks."""
         start = time.perf_counter()
         stats = torch.stack(self.stats)
         world_size = 1
@@ -667,20 +797,13 @@ class Window:
             world_size = dist.get_world_size()
         stats = stats.cpu().double()
         self.timed_seconds += time.perf_counter() - start
+        if stats[:, 2].sum():
+            where = f"it {first_it}-{last_it} of epoch {epoch}"
+            raise DivergedError(f"{where}: the scores are not finite (--learning-rate?)")
         iterations = len(self.stats)
         loss = float(stats[:, 0].sum()) / (world_size * iterations)
-        return loss, float(stats[:, 1].sum()) / (self.batch_size * iterations), int(stats[:, 2].sum())
-
-    def line(self, phase: str, it: int, nbatches: int, epoch: int, print_time: bool) -> str:
-        loss, accuracy, non_finite = self.read()
-        if non_finite:
-            first = it - len(self.stats) + 1
-            raise DivergedError(f"it {first}-{it} of epoch {epoch}: the scores are not finite (--learning-rate?)")
-        ms = 1000 * self.timed_seconds / self.timed if print_time and self.timed else -1  # -1: not measured
-        return (
-            f"Finished {phase} it {it}/{nbatches} of epoch {epoch}, {ms:.2f} ms/it, "
-            f"loss {loss:.6f}, accuracy {100 * accuracy:3.3f} %"
-        )
+        accuracy = float(stats[:, 1].sum()) / (self.batch_size * iterations)
+        return loss, accuracy, 1000 * self.timed_seconds / self.timed if self.timed else None
 
 
 def distributed_loss(loss: Tensor) -> float:
@@ -715,52 +838,522 @@ def dense_step(args: argparse.Namespace, dense: DensePath, backend: Backend):
     return dense_path, optimizer
 
 
-def train(args: argparse.Namespace, model: DLRM, loader: torch.utils.data.DataLoader, backend: Backend) -> None:
-    training = not args.inference_only
-    if training:
-        for table in model.embeddings:
-            table.set_optimizer(args.optimizer, args.learning_rate)
-    dense_path, optimizer = dense_step(args, model.dense, backend)
-    warmup = backend.warmup_iterations if backend.lazy else 0
-    phase = "training" if training else "inference"
-    nbatches = len(loader)
-    replayed = backend.to_device(next(iter(loader))) if args.measure_perf else None
+# ---------------------------------------------------------------------------------------------------------
+# Testing: loss, accuracy, ROC AUC (and the MLPerf metrics)
+# ---------------------------------------------------------------------------------------------------------
 
-    print("time/loss/accuracy (if enabled):")
-    iteration, warmup_seconds = 0, 0.0
-    with torch.set_grad_enabled(training):
-        for epoch in range(args.nepochs):
-            window = Window(args.mini_batch_size)
-            for j, batch in enumerate(epoch_batches(loader, epoch, replayed)):
+
+def roc_auc(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Area under the ROC curve: the chance that a positive outranks a negative (ties count half)."""
+    positive = targets > 0.5
+    positives, negatives = int(positive.sum()), int((~positive).sum())
+    if not positives or not negatives:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
+    ranks = np.empty(scores.size)
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)  # tied scores share their average rank
+    return float((ranks[positive].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """The precision at each distinct threshold, weighted by the recall it adds."""
+    order = np.argsort(-scores, kind="mergesort")
+    scores, positive = scores[order], targets[order] > 0.5
+    last_of_threshold = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    true_positives = np.cumsum(positive)[last_of_threshold]
+    if not true_positives[-1]:
+        return float("nan")
+    precision = true_positives / (last_of_threshold + 1)
+    recall = true_positives / true_positives[-1]
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+@dataclass
+class TestResult:
+    loss: float
+    accuracy: float
+    auc: float
+    scores: np.ndarray
+    targets: np.ndarray
+
+    def mlperf_metrics(self) -> dict[str, float]:
+        """Recall, precision and f1 of the rounded scores, and the average precision."""
+        predicted, actual = np.round(self.scores) > 0.5, self.targets > 0.5
+        hits = int((predicted & actual).sum())
+        recall = hits / max(1, int(actual.sum()))
+        precision = hits / max(1, int(predicted.sum()))
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return dict(recall=recall, precision=precision, f1=f1, ap=average_precision(self.scores, self.targets))
+
+
+def gather_samples(local: Tensor) -> np.ndarray:
+    """Every rank's samples, in rank order (each rank owns a slice of every global batch)."""
+    if not dist.is_initialized():
+        return local.cpu().numpy()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics for people, and checkpoints
+# ---------------------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """Each printed window and test as a JSON line (``--metrics-file``) and in TensorBoard (``--tensorboard``)."""
+
+    def __init__(self, path: str, tensorboard_dir: str, enabled: bool) -> None:
+        self.file = open(path, "a") if path and enabled else None  # noqa: SIM115 (open for the whole run)
+        self.writer = None
+        if tensorboard_dir and enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("--tensorboard: the tensorboard package is not installed; metrics go to --metrics-file only")
+            else:
+                self.writer = SummaryWriter(tensorboard_dir)
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.writer:
+            for key, value in record.items():
+                if key not in ("phase", "epoch", "iteration", "step") and value is not None:
+                    self.writer.add_scalar(f"{record['phase']}/{key}", value, record["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.writer:
+            self.writer.close()
+
+
+class MLPerfLog:
+    """``--mlperf-logging``: the MLPerf compliance events, through the ``mlperf-logging`` package when installed."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.logger = self.constants = None
+        if enabled:
+            with contextlib.suppress(ImportError):
+                from mlperf_logging import mllog
+
+                self.logger, self.constants = mllog.get_mllogger(), mllog.constants
+
+    def log(self, kind: str, key: str, value: object = None, **metadata: object) -> None:
+        """``kind``: start, end or event (a point in time); ``key``: a name in ``mllog.constants``."""
+        if self.logger:
+            getattr(self.logger, kind)(key=getattr(self.constants, key), value=value, metadata=metadata or None)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be loaded: reported as one line with exit code 2."""
+
+
+CHECKPOINT_FORMAT = "dlrm_s_pytorch checkpoint 1"
+
+
+def checkpoint_file(path: str, rank: int) -> Path:
+    """Rank 0's file is ``path``; every other rank saves its own tables beside it."""
+    return Path(path if rank == 0 else f"{path}.rank{rank}")
+
+
+def write_checkpoint(path: Path, state: dict) -> None:
+    """Atomically: into a temporary file beside it, flushed to disk, then renamed over the previous one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def read_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"--load-model {path}: no such file") from None
+    except Exception as e:  # a truncated or corrupt file fails anywhere in unpickling or unzipping
+        raise CheckpointError(
+            f"--load-model {path}: not a readable checkpoint, truncated or corrupt ({first_line(e)})"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"--load-model {path}: not a checkpoint written by this script's --save-model")
+    return state
+
+
+@torch.no_grad()
+def load_tensor(path: Path, kind: str, name: str, saved: dict, target: Tensor) -> None:
+    """Copy the saved tensor ``name`` into ``target``, or stop naming what does not fit."""
+    if name not in saved:  # a table saved with other rows has another name: report its shape
+        same_table = [k for k in saved if str(k).split(" rows")[0] == str(name).split(" rows")[0]]
+        if not same_table:
+            raise CheckpointError(f"--load-model {path}: it has no {kind} {name!r} (saved from a different model?)")
+        name = same_table[0]
+    found = saved[name]
+    if found.shape != target.shape:
+        raise CheckpointError(
+            f"--load-model {path}: {kind} {name!r} has shape {list(found.shape)}, this model's is {list(target.shape)}"
+        )
+    target.copy_(found)
+
+
+def numpy_rng_state() -> dict:
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return dict(keys=torch.from_numpy(keys.astype(np.int64)), position=position, has_gauss=has_gauss, gauss=gauss)
+
+
+def set_numpy_rng_state(state: dict) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["position"], state["has_gauss"], state["gauss"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Position:
+    """Where training stands: batches done in ``epoch``, and iterations done since the start."""
+
+    epoch: int = 0
+    batch: int = 0
+    iteration: int = 0
+
+
+class Trainer:
+    """The loop: train, test every ``--test-freq`` iterations, print, log metrics, checkpoint, stop on a signal."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        model: DLRM,
+        backend: Backend,
+        loaders: tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader | None],
+        ranks: Ranks,
+        checkpoint: dict | None = None,
+    ) -> None:
+        self.args, self.model, self.backend, self.ranks = args, model, backend, ranks
+        self.train_loader, self.test_loader = loaders
+        self.training = not args.inference_only
+        self.loaded_from = checkpoint_file(args.load_model, ranks.rank) if checkpoint else None
+        self.saved_at = Position(**checkpoint["position"]) if checkpoint else None
+        if checkpoint:  # before dense_step: lazy bf16 copies the weights it finds
+            for name, weight in model.named_weights():
+                load_tensor(self.loaded_from, "tensor", name, checkpoint["weights"], weight)
+        if self.training:
+            for table in model.embeddings:
+                table.set_optimizer(args.optimizer, args.learning_rate)
+        self.dense_path, self.optimizer = dense_step(args, model.dense, backend)
+        self.position, self.best = Position(), dict(accuracy=0.0, auc=0.0)
+        self.window = Window(args.mini_batch_size)
+        self.metrics = MetricsLog(args.metrics_file, args.tensorboard, enabled=ranks.rank == 0)
+        self.mlperf = MLPerfLog(args.mlperf_logging and ranks.rank == 0)
+        self.stop_signal: int | None = None
+        self.iterations_here = 0  # by this process: lazy mode's first ones compile
+        if checkpoint and self.training:
+            self.restore(checkpoint)
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        model, window = self.model, self.window
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "world_size": self.ranks.world_size,
+            "optimizer": self.args.optimizer,
+            "weights": {name: weight.detach().cpu() for name, weight in model.named_weights()},
+            "sparse_state": {
+                str(shard): table.moments.cpu()
+                for shard, table in zip(model.shards, model.embeddings, strict=True)
+                if table.moments is not None
+            },
+            "dense_state": [t.cpu() for t in self.optimizer.accumulators()],
+            "position": vars(self.position),
+            "window": torch.stack(window.stats).cpu() if window.stats else torch.empty(0, 3),
+            "best": self.best,
+            "rng": dict(numpy=numpy_rng_state(), torch=torch.get_rng_state()),
+        }
+
+    def restore(self, state: dict) -> None:
+        """Everything a resumed run needs to continue as if it had never stopped."""
+        path = self.loaded_from
+        if state["world_size"] != self.ranks.world_size:
+            raise CheckpointError(f"--load-model {path}: saved by {state['world_size']} ranks, this run has "
+                                  f"{self.ranks.world_size}")  # fmt: skip
+        if state["optimizer"] != self.args.optimizer:
+            raise CheckpointError(f"--load-model {path}: saved with --optimizer {state['optimizer']}, "
+                                  f"this run uses {self.args.optimizer}")  # fmt: skip
+        for shard, table in zip(self.model.shards, self.model.embeddings, strict=True):
+            if table.moments is not None:
+                load_tensor(path, "Adagrad state of", str(shard), state["sparse_state"], table.moments)
+        accumulators = self.optimizer.accumulators()
+        saved = dict(enumerate(state["dense_state"]))
+        for index, (name, _) in enumerate(self.model.dense.named_parameters()):
+            if index < len(accumulators):
+                load_tensor(path, f"Adagrad state of {name}, entry", index, saved, accumulators[index])
+        self.position, self.best = Position(**state["position"]), dict(state["best"])
+        self.window.stats = [row.to(self.backend.device) for row in state["window"]]
+        set_numpy_rng_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+
+    def save(self) -> None:
+        path = checkpoint_file(self.args.save_model, self.ranks.rank)
+        write_checkpoint(path, self.state())
+        print(f"Saved {path} at it {self.position.batch} of epoch {self.position.epoch}")
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Train (or, with ``--inference-only``, evaluate); the exit code: 0, or 128 + the signal that stopped it."""
+        if self.loaded_from:
+            print(f"Loaded {self.loaded_from}: saved after it {self.saved_at.batch} of epoch {self.saved_at.epoch}")
+        handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            if not self.training and self.test_loader is not None:
+                self.test(self.train_loader.sampler.stop, 0)
+                return 0
+            print("time/loss/accuracy (if enabled):")
+            self.mlperf.log("start", "RUN_START")
+            for epoch in range(self.position.epoch, self.args.nepochs):
+                self.mlperf.log("start", "EPOCH_START", epoch_num=epoch)
+                stop = self.train_epoch(epoch)
+                self.mlperf.log("end", "EPOCH_STOP", epoch_num=epoch)
+                if stop:
+                    break
+            self.mlperf.log("end", "RUN_STOP", status="aborted" if self.stop_signal else "success")
+            if self.args.save_model:
+                self.save()
+        finally:
+            self.metrics.close()
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+        return 128 + self.stop_signal if self.stop_signal else 0
+
+    def request_stop(self, signum: int, frame: object) -> None:
+        self.stop_signal = signum
+
+    def stopping(self) -> bool:
+        """A signal arrived here, or at any rank (all ranks must stop at the same iteration)."""
+        if not dist.is_initialized():
+            return self.stop_signal is not None
+        flag = torch.tensor([self.stop_signal or 0], device=self.backend.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.stop_signal = int(flag.item()) or None
+        return self.stop_signal is not None
+
+    def train_epoch(self, epoch: int) -> bool:
+        """One epoch from the current position; True when the run must stop (a signal or a reached target)."""
+        args, backend = self.args, self.backend
+        nbatches = self.train_loader.sampler.stop
+        start = self.position.batch if epoch == self.position.epoch else 0
+        replayed = backend.to_device(next(iter(self.train_loader))) if args.measure_perf else None
+        warmup = backend.warmup_iterations if backend.lazy else 0
+        warmup_seconds = 0.0
+        with torch.set_grad_enabled(self.training):
+            for j, batch in enumerate(epoch_batches(self.train_loader, epoch, start, replayed), start):
                 if batch.samples < args.mini_batch_size:
                     print(f"Breaking out of the epoch as  batch was partial. Number of samples: {batch.samples}")
                     break
-                start = time.perf_counter()
-                batch = backend.to_device(batch)
-                scores, loss, stats = dense_path(batch.dense, model.lookup(batch.bags), batch.targets)
-                if args.print_dist_loss:
-                    print(f" Distributed Loss :: {distributed_loss(loss):.6f}")
-                if training:
-                    loss.backward()  # the sparse updates happen in here, and in eager mode the dense ones
-                    optimizer.step()
-                backend.mark_step()
-                iteration += 1
-                if iteration == warmup:
+                begin = time.perf_counter()
+                scores = self.step(backend.to_device(batch))
+                self.iterations_here += 1
+                if self.iterations_here == warmup:
                     backend.synchronize()  # the graphs are compiled: time from here on
-                seconds = time.perf_counter() - start
-                warming_up = iteration <= warmup
-                window.add(stats, None if warming_up else seconds)
+                seconds = time.perf_counter() - begin
+                warming_up = self.iterations_here <= warmup
+                self.window.add(self.last_stats, None if warming_up else seconds)
                 warmup_seconds += seconds if warming_up else 0.0
-                if iteration == warmup:
+                if self.iterations_here == warmup:
                     compiled = f"the first {warmup} it compiled the graphs in {warmup_seconds:.1f} s"
                     print(f"Lazy mode: {compiled} (not in ms/it)")
+                self.position = Position(epoch, j + 1, self.position.iteration + 1)
                 if args.debug_mode:
                     print(f"batch {j}: dense {batch.dense}\ntargets {batch.targets.view(-1)}\nscores {scores.view(-1)}")
                 if (j + 1) % args.print_freq == 0 or j + 1 == nbatches:
-                    print(window.line(phase, j + 1, nbatches, epoch, args.print_time), flush=True)
-                    if args.log_device_mem_alloc:
-                        print(backend.memory_report())
-                    window = Window(args.mini_batch_size)
+                    self.report(j + 1, nbatches, epoch)
+                test_due = args.test_freq > 0 and ((j + 1) % args.test_freq == 0 or j + 1 == nbatches)
+                if test_due and self.test(j + 1, epoch):
+                    return True
+                if args.save_freq and self.position.iteration % args.save_freq == 0:
+                    self.save()
+                if self.stopping():
+                    name = signal.Signals(self.stop_signal).name
+                    print(f"Stopped by {name} after it {j + 1}/{nbatches} of epoch {epoch}")
+                    return True
+        return False
+
+    def step(self, batch: Batch) -> Tensor:
+        """One iteration: forward, loss, and when training backward (the sparse updates run inside) and step."""
+        local_batch = batch.dense.size(0)
+        scores, loss, self.last_stats = self.dense_path(
+            batch.dense, self.model.lookup(batch.bags, local_batch), batch.targets
+        )
+        if self.args.print_dist_loss:
+            print(f" Distributed Loss :: {distributed_loss(loss):.6f}")
+        if self.training:
+            loss.backward()  # the sparse updates happen in here, and in eager mode the dense ones
+            self.optimizer.step()
+        self.backend.mark_step()
+        return scores
+
+    def report(self, it: int, nbatches: int, epoch: int) -> None:
+        window, self.window = self.window, Window(self.args.mini_batch_size)
+        loss, accuracy, ms = window.read(it - len(window.stats) + 1, it, epoch)
+        phase = "training" if self.training else "inference"
+        shown = ms if self.args.print_time and ms is not None else -1  # -1: not measured
+        print(
+            f"Finished {phase} it {it}/{nbatches} of epoch {epoch}, {shown:.2f} ms/it, "
+            f"loss {loss:.6f}, accuracy {100 * accuracy:3.3f} %",
+            flush=True,
+        )
+        if self.args.log_device_mem_alloc:
+            print(self.backend.memory_report())
+        samples_per_s = self.args.mini_batch_size * 1000 / ms if ms else None
+        self.metrics.write(dict(phase="train", epoch=epoch, iteration=it, step=self.position.iteration, loss=loss,
+                                accuracy=accuracy, auc=None, ms_per_it=ms, samples_per_s=samples_per_s))  # fmt: skip
+
+    def test(self, it: int, epoch: int) -> bool:
+        """Evaluate the test split, print and log it; True when an ``--mlperf-*-threshold`` is reached."""
+        args = self.args
+        self.mlperf.log("start", "EVAL_START", epoch_num=epoch)
+        result = self.evaluate()
+        self.best = dict(accuracy=max(self.best["accuracy"], result.accuracy), auc=max(self.best["auc"], result.auc))
+        nbatches = self.train_loader.sampler.stop
+        if args.mlperf_logging:
+            m = result.mlperf_metrics()
+            print(
+                f"Testing at - {it}/{nbatches} of epoch {epoch}, loss {result.loss:.6f}, recall {m['recall']:.4f}, "
+                f"precision {m['precision']:.4f}, f1 {m['f1']:.4f}, ap {m['ap']:.4f}, auc {result.auc:.4f}, "
+                f"best auc {self.best['auc']:.4f}, accuracy {100 * result.accuracy:3.3f} %, "
+                f"best accuracy {100 * self.best['accuracy']:3.3f} %",
+                flush=True,
+            )
+        else:
+            print(
+                f"Testing at - {it}/{nbatches} of epoch {epoch}, loss {result.loss:.6f}, "
+                f"accuracy {100 * result.accuracy:3.3f} %, best {100 * self.best['accuracy']:3.3f} %\n"
+                f"Testing AUC at - {it}/{nbatches} of epoch {epoch}: {result.auc:.6f}, best {self.best['auc']:.6f}",
+                flush=True,
+            )
+        self.mlperf.log("event", "EVAL_ACCURACY", result.auc, epoch_num=epoch)
+        self.mlperf.log("end", "EVAL_STOP", epoch_num=epoch)
+        self.metrics.write(dict(phase="test", epoch=epoch, iteration=it, step=self.position.iteration,
+                                loss=result.loss, accuracy=result.accuracy, auc=result.auc, ms_per_it=None,
+                                samples_per_s=None))  # fmt: skip
+        for name, value, threshold in (("accuracy", result.accuracy, args.mlperf_acc_threshold),
+                                       ("auc", result.auc, args.mlperf_auc_threshold)):  # fmt: skip
+            if 0 < threshold <= value:
+                print(f"MLPerf testing {name} threshold {threshold} reached, stop training")
+                return True
+        return False
+
+    @torch.no_grad()
+    def evaluate(self) -> TestResult:
+        """Loss, accuracy and ROC AUC over the whole test split (a last partial batch is left out)."""
+        batch_size = self.test_loader.collate_fn.batch_size
+        losses, correct, scores, targets = [], 0.0, [], []
+        for batch in epoch_batches(self.test_loader, 0, 0, None):
+            if batch.samples < batch_size:
+                print(f"Breaking out of the epoch as  test batch was partial. Number of samples: {batch.samples}")
+                break
+            batch = self.backend.to_device(batch)
+            local_batch = batch.dense.size(0)
+            batch_scores, loss, stats = self.dense_path(
+                batch.dense, self.model.lookup(batch.bags, local_batch), batch.targets
+            )
+            self.backend.mark_step()
+            losses.append(stats[0])
+            correct += stats[1]
+            scores.append(batch_scores.detach().float().view(-1))
+            targets.append(batch.targets.view(-1))
+        if not losses:
+            raise DataError(f"the test split has no whole batch of {batch_size} samples (--test-mini-batch-size?)")
+        all_scores, all_targets = gather_samples(torch.cat(scores)), gather_samples(torch.cat(targets))
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        totals = torch.stack([torch.stack(losses).sum(), torch.as_tensor(correct, device=losses[0].device)])
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        loss = float(totals[0]) / (world_size * len(losses))
+        accuracy = float(totals[1]) / all_scores.size
+        return TestResult(loss, accuracy, roc_auc(all_scores, all_targets), all_scores, all_targets)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export for serving: ONNX, and a drawing of the compute graph
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ServingDLRM(nn.Module):
+    """The trained network with torch's own embedding bags, which ONNX and serving runtimes understand.
+
+    Inputs: the dense features, then each table's indices and bag offsets (one start per sample).
+    """
+
+    def __init__(self, model: DLRM) -> None:
+        super().__init__()
+        weights = [table.weight.detach().float().cpu().clone() for table in model.embeddings]
+        self.tables = nn.ModuleList(nn.EmbeddingBag.from_pretrained(w, freeze=False, mode="sum") for w in weights)
+        self.dense = copy.deepcopy(model.dense).float().cpu()
+
+    def forward(self, dense: Tensor, *bags: Tensor) -> Tensor:
+        pooled = [table(bags[2 * t], bags[2 * t + 1]) for t, table in enumerate(self.tables)]
+        return self.dense.predict(dense, pooled)
+
+
+def serving_inputs(batch: Batch) -> tuple[Tensor, ...]:
+    """A preprocessed batch as ``ServingDLRM`` takes it: dense, then (indices, offsets) per table."""
+    inputs = [batch.dense.float().cpu()]
+    for bags in batch.bags:
+        inputs += [bags.indices[: bags.num_indices].long().cpu(), bags.offsets[:-1].long().cpu()]
+    return tuple(inputs)
+
+
+def export_onnx(model: DLRM, batch: Batch, path: str) -> None:
+    """Write the model to ``path`` and, when onnxruntime is installed, check its scores against PyTorch's."""
+    serving, inputs = ServingDLRM(model).eval(), serving_inputs(batch)
+    names = ["dense"] + [f"{kind}_{t}" for t in range(len(serving.tables)) for kind in ("indices", "offsets")]
+    dynamic = {name: {0: "batch" if name in ("dense", "scores") or name.startswith("offsets") else "lookups"}
+               for name in [*names, "scores"]}  # fmt: skip
+    with torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter: the newer one needs onnxscript, and this one handles the embedding bags
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(serving, inputs, path, input_names=names, output_names=["scores"], dynamic_axes=dynamic,
+                          dynamo=False)  # fmt: skip
+        expected = serving(*inputs).numpy()
+    print(f"ONNX model written to {path} ({Path(path).stat().st_size / 1e6:.1f} MB)")
+    try:
+        import onnxruntime
+    except ImportError:
+        print("onnxruntime is not installed: the exported model was not checked")
+        return
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: its graph optimizer warns about the embedding bags' loops
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    (scores,) = session.run(None, {name: t.numpy() for name, t in zip(names, inputs, strict=True)})
+    print(f"onnxruntime on one batch: largest difference from PyTorch {np.abs(scores - expected).max():.3g}")
+
+
+def plot_compute_graph(model: DLRM, batch: Batch, name: str = "dlrm_s_pytorch_graph") -> None:
+    """The autograd graph of one forward pass, as Graphviz source (and a PDF when Graphviz is installed)."""
+    try:
+        from torchviz import make_dot
+    except ImportError:
+        print("--plot-compute-graph: torchviz is not installed (pip install torchviz), no graph drawn")
+        return
+    serving = ServingDLRM(model)
+    graph = make_dot(serving(*serving_inputs(batch)).mean(), params=dict(serving.named_parameters()))
+    Path(f"{name}.dot").write_text(graph.source)
+    drawn = f"{name}.dot"
+    if shutil.which("dot"):
+        graph.render(name, format="pdf", cleanup=True)
+        drawn += f" and {name}.pdf"
+    print(f"Compute graph written to {drawn}")
 
 
 @contextlib.contextmanager
@@ -802,6 +1395,7 @@ def join_ranks(args: argparse.Namespace, backend: Backend, ranks: Ranks | None) 
         raise UsageError(f"--world_size {args.world_size}: the launcher started {ranks.world_size} ranks")
     if args.mini_batch_size % ranks.world_size:
         raise UsageError(f"--mini-batch-size {args.mini_batch_size} is not divisible by {ranks.world_size} ranks")
+    _check_one_rank_flags(args, ranks.world_size)
     try:
         distributed_utils.init_process_group(ranks, backend.process_group)
     except (RuntimeError, ValueError) as e:
@@ -809,22 +1403,50 @@ def join_ranks(args: argparse.Namespace, backend: Backend, ranks: Ranks | None) 
     return ranks
 
 
-def build(
-    args: argparse.Namespace, sizes: Sizes, backend: Backend, ranks: Ranks
-) -> tuple[DLRM, torch.utils.data.DataLoader]:
-    """This rank's model (its tables, by the printed plan, when distributed) and its loader."""
+def build(args: argparse.Namespace, sizes: Sizes, backend: Backend, ranks: Ranks) -> Trainer:
+    """This rank's data, model (its tables, by the printed plan, when distributed) and loop, resumed from
+    ``--load-model`` when given."""
+    train_data, test_data, sizes = make_datasets(args, sizes)
     shards, exchange = None, None
     if dist.is_initialized():
         plan = distributed_utils.plan_tables(sizes.tables, ranks.world_size)
         print(distributed_utils.describe_plan(plan, ranks.world_size, args.mini_batch_size, sizes.embedding_dim))
         shards = [shard for shard in plan if shard.rank == ranks.rank]
-        exchange = EmbeddingExchange(plan, ranks.rank, ranks.world_size, args.mini_batch_size, sizes.embedding_dim)
+        exchange = EmbeddingExchange(plan, ranks.rank, ranks.world_size, sizes.embedding_dim)
     model = DLRM(args, sizes, backend.kernels, shards, exchange).to(backend.device)
-    return model, make_loader(args, sizes, backend, model.shards, ranks)
+    if args.debug_mode:
+        print(f"model sizes: {sizes}, torch threads: {torch.get_num_threads()}\n{model}")
+    train_loader = make_loader(args, train_data, sizes, backend, model.shards, ranks)
+    test_loader = test_data and make_loader(args, test_data, sizes, backend, model.shards, ranks, test=True)
+    checkpoint = read_checkpoint(checkpoint_file(args.load_model, ranks.rank)) if args.load_model else None
+    return Trainer(args, model, backend, (train_loader, test_loader), ranks, checkpoint)
+
+
+def export(args: argparse.Namespace, trainer: Trainer) -> None:
+    """``--save-onnx`` and ``--plot-compute-graph``, from one batch of the data."""
+    if not (args.save_onnx or args.plot_compute_graph):
+        return
+    loader = trainer.test_loader or trainer.train_loader
+    batch = next(iter(epoch_batches(loader, 0, 0, None)))
+    if args.save_onnx:
+        export_onnx(trainer.model, batch, args.save_onnx)
+    if args.plot_compute_graph:
+        plot_compute_graph(trainer.model, batch)
 
 
 def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    text = str(error).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:  # raised in a DataLoader worker
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return (text.splitlines() or [type(error).__name__])[0]
+
+
+def fail(code: int, message: str) -> int:
+    """One line on stderr; a distributed rank then leaves at once (the others see it gone)."""
+    print(f"dlrm_s_pytorch.py: error: {message}", file=sys.stderr)
+    if dist.is_initialized():
+        leave_group(code)
+    return code
 
 
 def main(argv: list[str]) -> int:
@@ -844,11 +1466,12 @@ def main(argv: list[str]) -> int:
         if backend.device.type == "cuda" and args.world_size > gpus:
             raise UsageError(f"--world_size {args.world_size}: nccl needs a GPU per rank, {gpus} here")
         if launched is None and args.world_size > 1:  # start the ranks, each of them this script
+            if args.data_generation == "dataset":
+                data_utils.prepare(args)  # once, before the ranks read it
             return distributed_utils.spawn_ranks([sys.executable, os.path.abspath(__file__), *argv], args.world_size)
         ranks = join_ranks(args, backend, launched)
-    except (DeviceUnavailable, UsageError, ValueError) as e:
-        print(f"dlrm_s_pytorch.py: error: {e}", file=sys.stderr)
-        return 2
+    except (DeviceUnavailable, UsageError, DataError, ValueError) as e:
+        return fail(2, str(e))
     if ranks.rank != 0 and not args.print_all_ranks:
         sys.stdout = open(os.devnull, "w")  # for the life of the process
     if ranks.local_world_size > 1 and backend.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -859,32 +1482,37 @@ def main(argv: list[str]) -> int:
     np.random.seed(args.numpy_rand_seed)
     torch.manual_seed(args.numpy_rand_seed)
     print(backend.banner)
+    if args.mlperf_logging:
+        print("command line args: ", json.dumps(vars(args)))
     if args.hmp_verbose:
         print(f"bf16 ops: {', '.join(sorted(BF16_OPS))}; fp32 ops: {', '.join(sorted(FP32_OPS))}")
 
-    model, loader = build(args, sizes, backend, ranks)
-    if args.debug_mode:
-        print(f"model sizes: {sizes}, torch threads: {torch.get_num_threads()}\n{model}")
+    try:
+        trainer = build(args, sizes, backend, ranks)
+    except (UsageError, DataError, CheckpointError) as e:
+        return fail(2, str(e))
     profile_name = f"dlrm_s_pytorch.rank{ranks.rank}" if ranks.world_size > 1 else "dlrm_s_pytorch"
     with profiling(args.enable_profiling, backend.device_type, profile_name):
         try:
-            train(args, model, loader, backend)
+            code = trainer.run()
+        except DataError as e:
+            return fail(2, first_line(e))
         except DivergedError as e:
-            print(f"dlrm_s_pytorch.py: error: {e}", file=sys.stderr)
-            return 1
+            return fail(1, str(e))
         except (dist.DistError, RuntimeError) as e:  # gloo reports a lost rank as a RuntimeError
             if not dist.is_initialized():
                 raise
-            print(f"dlrm_s_pytorch.py: error: rank {ranks.rank} stopped: {first_line(e)}", file=sys.stderr)
-            leave_group(1)  # the process group is broken: tearing it down could abort or hang
+            # the process group is broken: tearing it down could abort or hang
+            return fail(1, f"rank {ranks.rank} stopped: {first_line(e)}")
     if args.debug_mode:
-        for name, weight in model.named_weights():
+        for name, weight in trainer.model.named_weights():
             print(f"updated {name}:\n{weight.detach()}")
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-        leave_group(0)
-    return 0
+    if not dist.is_initialized():
+        export(args, trainer)
+        return code
+    dist.barrier()
+    dist.destroy_process_group()
+    leave_group(code)
 
 
 def leave_group(code: int) -> NoReturn:

@@ -229,6 +229,10 @@ class DenseOptimizer:
     def step(self) -> None:
         """Nothing is left to do after backward: every parameter was updated as its gradient arrived."""
 
+    def accumulators(self) -> list[Tensor]:
+        """Adagrad's running sums of squared gradients, one per parameter in order (none for SGD)."""
+        return list(self.state.values())
+
     @torch.no_grad()
     def _update(self, param: nn.Parameter) -> None:
         grad = param.grad
@@ -261,6 +265,9 @@ class CompiledDenseOptimizer:
         self.params, self.name, self.lr, self.copies = params, name, lr, bf16_copies
         self.state = [torch.zeros_like(p) for p in params] if name == "adagrad" else []
         self._update = torch.compile(self._update_all, fullgraph=True, dynamic=False)
+
+    def accumulators(self) -> list[Tensor]:
+        return self.state
 
     @torch.no_grad()
     def step(self) -> None:
@@ -296,6 +303,10 @@ class StepAfterBackward:
     def step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def accumulators(self) -> list[Tensor]:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return [self.optimizer.state[p]["sum"] for p in params if "sum" in self.optimizer.state[p]]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -83,8 +83,20 @@ BAD_INPUTS = {
     "one loss weight": (["--loss-weights=1.0"], "argument --loss-weights: expected two numbers"),
     "measure-perf without batches": (["--measure-perf"], "--measure-perf: needs --num-batches > 0"),
     "unknown flag": (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    "dataset not yet": (["--data-generation=dataset"], "--data-generation is not available yet"),
-    "save-model not yet": (["--save-model=m.pt"], "--save-model is not available yet"),
+    "dataset without files": (["--data-generation=dataset"], "needs --raw-data-file or --processed-data-file"),
+    "test flag on random data": (["--test-freq=5"], "--test-freq: applies only with --data-generation dataset"),
+    "trace flag on random data": (["--data-trace-enable-padding"], "applies only with --data-generation synthetic"),
+    "save-freq without a file": (["--save-freq=5"], "--save-freq: needs --save-model FILE"),
+    "save-model in inference": (["--save-model=m.pt", "--inference-only"], "nothing is trained with --inference-only"),
+    "sub-sample rate of one": (
+        ["--data-generation=dataset", "--raw-data-file=x", "--data-sub-sample-rate=1"],
+        "--data-sub-sample-rate: must be in [0, 1)",
+    ),
+    "zero index range": (
+        ["--data-generation=dataset", "--raw-data-file=x", "--max-ind-range=0"],
+        "--max-ind-range: must be positive",
+    ),
+    "onnx from two ranks": (["--save-onnx", "--world_size=2", "--mini-batch-size=4"], "needs one rank"),
     "qr not supported": (["--qr-flag"], "--qr-flag is not supported"),
     "op list without bf16": (["--hmp-bf16=ops.txt"], "--hmp-bf16: applies only with --data_type bf16"),
     "missing config": (["--config=/nonexistent.yaml"], "--config /nonexistent.yaml: No such file or directory"),
@@ -208,8 +220,9 @@ def test_bf16_runs_matrix_products_in_bf16_and_keeps_the_rest_fp32() -> None:
     for name, module in modules:
         module.register_forward_hook(record_output_dtype(name))
     backend = habana_dlrm_ops.Backend(lazy=False)
-    loader = dlrm_s_pytorch.make_loader(args, sizes, backend, model.shards, Ranks(0, 1, 0, 1))
-    dlrm_s_pytorch.train(args, model, loader, backend)
+    ranks = Ranks(0, 1, 0, 1)
+    loader = dlrm_s_pytorch.make_loader(args, dlrm_s_pytorch.RandomDataset(args, sizes), sizes, backend, model.shards, ranks)
+    assert dlrm_s_pytorch.Trainer(args, model, backend, (loader, None), ranks).run() == 0
     assert seen == dict(bottom=torch.bfloat16, top=torch.bfloat16, table=torch.float32)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert {t.moments.dtype for t in model.embeddings} == {torch.float32}

@@ -1,0 +1,1083 @@
+"""Criteo Kaggle / Terabyte data for DLRM: raw text to processed files, processed files to batches.
+
+Raw data is one sample per line, tab-separated: a label, 13 integer features (I1..I13) and 26 categorical
+features (C1..C26, hexadecimal hashes); any field may be empty, which reads as 0. Kaggle is one ``train.txt``
+cut into 7 days by line count; Terabyte is ``day_0``, ``day_1``, ... as many as exist.
+
+``prepare`` makes the processed files the flags need, in the original script's layout (per-day
+``<prefix>_<i>_processed.npz``, ``<stem>_fea_count.npz``, ``<stem>_fea_dict_<j>.npz``, ``<stem>_day_count.npz``
+and the concatenated ``--processed-data-file``), so that files made by either implementation serve both. A
+category's id is its position in order of first appearance (days in order, lines in order). The raw text is
+streamed twice through a pool of processes, a chunk at a time: pass 1 learns each feature's vocabulary, pass 2
+writes each day's ids. Both passes save each day atomically, so an interrupted run resumes at the first day it
+had not finished. ``criteo_datasets`` then serves whole batches: item ``i`` is batch ``i``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import multiprocessing
+import os
+import re
+import struct
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DENSE_FEATURES = 13
+SPARSE_FEATURES = 26
+FIELDS = 1 + DENSE_FEATURES + SPARSE_FEATURES
+FIELD_NAMES = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+KAGGLE_DAYS = 7
+CHUNK_BYTES = 8 << 20  # raw text handed to a worker at a time
+BLOCK_ROWS = 1 << 18  # rows copied at a time between processed files
+PENDING_VALUES = 1 << 22  # a vocabulary numbers its pending values once it holds at least this many
+
+Batch = tuple[Tensor, list[Tensor], list[Tensor], Tensor]
+
+
+class DataError(Exception):
+    """Bad input data or files; the message is one line naming the file (and line) and what is wrong."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where the files are
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CriteoFiles:
+    """The original script's file names for a raw data set and its processed forms."""
+
+    data_set: str
+    raw: Path | None  # Kaggle: the train.txt file; Terabyte: the prefix of day_0, day_1, ...
+    processed: Path  # the concatenated processed file
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> CriteoFiles:
+        if args.data_set not in ("kaggle", "terabyte"):
+            raise DataError(f"--data-set {args.data_set}: must be kaggle or terabyte")
+        raw = Path(args.raw_data_file) if args.raw_data_file else None
+        if args.processed_data_file:
+            processed = Path(args.processed_data_file)
+        elif raw is not None:
+            default = "kaggleAdDisplayChallenge_processed" if args.data_set == "kaggle" else "terabyte_processed"
+            processed = raw.parent / f"{default}.npz"
+        else:
+            raise DataError("--raw-data-file or --processed-data-file: one of them must name the data")
+        return cls(args.data_set, raw, processed)
+
+    @property
+    def stem(self) -> Path:
+        """Prefix of the counts and dictionaries: ``<dir>/train`` for Kaggle, ``<dir>/day`` for Terabyte."""
+        raw = self.require_raw("the processed files")
+        return raw.parent / raw.name.split(".")[0] if self.data_set == "kaggle" else raw
+
+    def day_file(self, day: int) -> Path:
+        prefix = f"{self.stem}_day" if self.data_set == "kaggle" else str(self.stem)
+        return Path(f"{prefix}_{day}_processed.npz")
+
+    def day_progress_file(self, day: int) -> Path:
+        """Pass 1's saved state after a day: the values first seen that day (deleted when pass 1 is done)."""
+        return self.day_file(day).with_name(self.day_file(day).name.replace("_processed.npz", "_new_values.npz"))
+
+    @property
+    def counts_file(self) -> Path:
+        return Path(f"{self.stem}_fea_count.npz")
+
+    @property
+    def day_count_file(self) -> Path:
+        return Path(f"{self.stem}_day_count.npz")
+
+    def dictionary_file(self, feature: int) -> Path:
+        return Path(f"{self.stem}_fea_dict_{feature}.npz")
+
+    def bin_file(self, split: str) -> Path:
+        return self.processed.with_name(f"{self.processed.name.split('.')[0]}_{split}.bin")
+
+    def require_raw(self, purpose: str) -> Path:
+        if self.raw is None:
+            raise DataError(f"--raw-data-file: needed to find {purpose} (they sit beside the raw data)")
+        return self.raw
+
+    def raw_days(self) -> list[Path]:
+        """The raw text files: Kaggle's one file, or Terabyte's day_0 .. day_{k-1} (consecutive, at least one)."""
+        raw = self.require_raw("the raw data")
+        if self.data_set == "kaggle":
+            if not raw.is_file():
+                raise DataError(f"--raw-data-file {raw}: no such file")
+            return [raw]
+        days = list(itertools.takewhile(Path.is_file, (Path(f"{raw}_{day}") for day in itertools.count())))
+        if not days:
+            raise DataError(f"--raw-data-file {raw}: no Terabyte day files ({raw}_0 does not exist)")
+        return days
+
+
+@dataclass(frozen=True)
+class Processed:
+    """What ``prepare`` made: the datasets read one of the concatenated file, the day files or the bin files."""
+
+    counts: list[int]  # distinct values of each categorical feature (before --max-ind-range caps them)
+    rows_per_day: list[int]
+    concatenated: Path | None = None
+    day_files: list[Path] = field(default_factory=list)
+    bin_files: dict[str, Path] = field(default_factory=dict)  # train, test, val
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prepare: make whatever processed files the flags need
+# ---------------------------------------------------------------------------------------------------------
+
+
+def prepare(args: argparse.Namespace) -> Processed:
+    """Make sure processed data exists for the flags (preprocess the raw data when needed), return its description.
+
+    Without --memory-map the concatenated ``--processed-data-file`` is read into memory; with it, the per-day
+    files are memory-mapped; --mlperf-bin-loader reads int32 ``.bin`` files made from the day files.
+    """
+    files = CriteoFiles.from_args(args)
+    if args.mlperf_bin_loader:
+        return _prepare_bins(args, files)
+    if args.memory_map:
+        return _prepare_days(args, files, mappable=True)
+    return _prepare_concatenated(args, files)
+
+
+def _prepare_concatenated(args: argparse.Namespace, files: CriteoFiles) -> Processed:
+    if not files.processed.exists():
+        if files.raw is None:
+            raise DataError(f"--processed-data-file {files.processed}: no such file, and no --raw-data-file")
+        days = _prepare_days(args, files, mappable=False)
+        _status(f"Writing {files.processed}")
+        _concatenate(days.day_files, days.rows_per_day, days.counts, files.processed)
+    shapes = _check_arrays(files.processed, _concatenated_shapes)
+    total = shapes["y"][0]
+    with np.load(files.processed) as data:
+        counts = [int(c) for c in data["counts"]]
+    return Processed(counts, _rows_per_day(files, total), concatenated=files.processed)
+
+
+def _rows_per_day(files: CriteoFiles, total: int) -> list[int]:
+    """Rows of each day in the concatenated file: the day count file beside the raw data, else the Kaggle split."""
+    if files.raw is not None and files.day_count_file.exists():
+        rows_per_day = _load_day_counts(files)
+        if sum(rows_per_day) != total:
+            raise DataError(f"{files.day_count_file}: counts {sum(rows_per_day)} rows, {files.processed} holds {total}")
+        return rows_per_day
+    days = KAGGLE_DAYS if files.data_set == "kaggle" else 24
+    _status(f"No day counts beside the raw data: splitting {files.processed}'s {total} rows evenly into {days} days")
+    return _even_split(total, days)
+
+
+def _even_split(total: int, days: int) -> list[int]:
+    """How the original cut Kaggle's lines into days: equal parts, the first ``total % days`` one longer."""
+    base, extra = divmod(total, days)
+    return [base + (day < extra) for day in range(days)]
+
+
+def _prepare_days(args: argparse.Namespace, files: CriteoFiles, mappable: bool) -> Processed:
+    if not _days_complete(files):
+        _preprocess(args, files)
+    rows_per_day = _load_day_counts(files)
+    day_files = [files.day_file(day) for day in range(len(rows_per_day))]
+    for path, rows in zip(day_files, rows_per_day):
+        _check_arrays(path, partial(_day_shapes, rows=rows))
+        if mappable:
+            _store_uncompressed(path)
+    with np.load(files.counts_file) as data:
+        counts = [int(c) for c in data["counts"]]
+    return Processed(counts, rows_per_day, day_files=day_files)
+
+
+def _days_complete(files: CriteoFiles) -> bool:
+    if not (files.counts_file.exists() and files.day_count_file.exists()):
+        return False
+    return all(files.day_file(day).exists() for day in range(len(_load_day_counts(files))))
+
+
+def _load_day_counts(files: CriteoFiles) -> list[int]:
+    _check_arrays(files.day_count_file, lambda shapes: {"total_per_file": shapes.get("total_per_file")})
+    with np.load(files.day_count_file) as data:
+        return [int(rows) for rows in data["total_per_file"]]
+
+
+def _prepare_bins(args: argparse.Namespace, files: CriteoFiles) -> Processed:
+    bins = {split: files.bin_file(split) for split in ("train", "test", "val")}
+    if not all(path.exists() for path in bins.values()):
+        days = _prepare_days(args, files, mappable=True)
+        # Rows in the order --data-randomize gives from a freshly seeded generator, as the datasets draw it.
+        orders = _split_orders(days.rows_per_day, args.data_randomize, np.random.RandomState(args.numpy_rand_seed))
+        rows = DayRows(days.day_files, days.rows_per_day)
+        for (split, path), order in zip(bins.items(), orders):
+            if not path.exists():
+                _status(f"Writing {path}")
+                _write_bin(path, rows, order)
+    with np.load(files.counts_file) as data:
+        counts = [int(c) for c in data["counts"]]
+    return Processed(counts, _load_day_counts(files), bin_files=bins)
+
+
+def _write_bin(path: Path, rows: DayRows, order: np.ndarray | range) -> None:
+    """Rows as int32 records [label, I1..I13, C1..C26], the original's bin layout."""
+    with _atomic(path) as temp, open(temp, "wb") as out:
+        for start in range(0, len(order), BLOCK_ROWS):
+            dense, categorical, labels = rows.take(np.asarray(order[start : start + BLOCK_ROWS]))
+            out.write(np.column_stack((labels, dense, categorical)).astype(np.int32).tobytes())
+
+
+def _status(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preprocessing: raw text -> per-day processed files, counts and dictionaries
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A run of whole lines of one raw file, all in one day."""
+
+    path: str
+    start: int  # byte offsets
+    stop: int
+    first_line: int  # line number of its first line in the file, from 1
+    lines: int
+    day: int
+
+
+@dataclass(frozen=True)
+class ParseOptions:
+    max_ind_range: int
+    sub_sample_rate: float
+    seed: int
+    skip_bad_lines: bool
+
+
+@dataclass
+class BadLines:
+    """Lines skipped under --skip-bad-lines, per day, and the first one's problem."""
+
+    per_day: dict[int, int] = field(default_factory=dict)
+    first: str = ""
+
+    def add(self, day: int, count: int, problem: str) -> None:
+        self.per_day[day] = self.per_day.get(day, 0) + count
+        if count and not self.first:
+            self.first = problem
+
+    def report(self, raw: Path) -> None:
+        total = sum(self.per_day.values())
+        if total:
+            print(f"Skipped {total} bad lines of {raw} (first: {self.first})", flush=True)
+
+
+def _preprocess(args: argparse.Namespace, files: CriteoFiles) -> None:
+    options = ParseOptions(args.max_ind_range, args.data_sub_sample_rate, args.numpy_rand_seed, args.skip_bad_lines)
+    days = _day_chunks(files)
+    bad_lines = BadLines()
+    workers = len(os.sched_getaffinity(0))
+    if not all(path.exists() for path in _vocabulary_files(files, len(days))):
+        _learn_vocabularies(files, days, options, workers, bad_lines)
+    rows_per_day = _load_day_counts(files)
+    missing = [day for day in range(len(days)) if not files.day_file(day).exists()]
+    if missing:
+        lookups = [IdLookup(_load_dictionary(files, j)) for j in range(SPARSE_FEATURES)]
+        _write_days(files, [days[day] for day in missing], rows_per_day, lookups, options, workers, bad_lines)
+    bad_lines.report(files.require_raw("the raw data"))
+
+
+def _vocabulary_files(files: CriteoFiles, days: int) -> list[Path]:
+    dictionaries = [files.dictionary_file(j) for j in range(SPARSE_FEATURES)]
+    return [files.day_count_file, *dictionaries, files.counts_file]
+
+
+def _day_chunks(files: CriteoFiles) -> list[list[Chunk]]:
+    """Every raw line, as chunks grouped by day."""
+    raw_days = files.raw_days()
+    if files.data_set == "terabyte":
+        return [_file_chunks(path, day) for day, path in enumerate(raw_days)]
+    chunks = _file_chunks(raw_days[0], 0)
+    total = sum(chunk.lines for chunk in chunks)
+    if total == 0:
+        raise DataError(f"{raw_days[0]}: no lines")
+    day_starts = np.cumsum([0] + _even_split(total, KAGGLE_DAYS))
+    days: list[list[Chunk]] = [[] for _ in range(KAGGLE_DAYS)]
+    for chunk in chunks:
+        for piece in _cut_at_lines(chunk, day_starts[1:-1]):
+            day = int(np.searchsorted(day_starts, piece.first_line - 1, side="right")) - 1
+            days[day].append(Chunk(piece.path, piece.start, piece.stop, piece.first_line, piece.lines, day))
+    return days
+
+
+def _file_chunks(path: Path, day: int) -> list[Chunk]:
+    """The file cut into chunks of about CHUNK_BYTES, each ending at a line end."""
+    chunks, start, first_line = [], 0, 1
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            block += f.readline()
+            lines = block.count(b"\n") + (not block.endswith(b"\n"))
+            chunks.append(Chunk(str(path), start, start + len(block), first_line, lines, day))
+            start, first_line = start + len(block), first_line + lines
+    return chunks
+
+
+def _cut_at_lines(chunk: Chunk, cuts: Iterable[int]) -> list[Chunk]:
+    """The chunk cut before each of the given line indices (counted from 0 in the file) that falls inside it."""
+    inside = [cut for cut in cuts if chunk.first_line - 1 < cut < chunk.first_line - 1 + chunk.lines]
+    if not inside:
+        return [chunk]
+    with open(chunk.path, "rb") as f:
+        f.seek(chunk.start)
+        line_ends = np.flatnonzero(np.frombuffer(f.read(chunk.stop - chunk.start), np.uint8) == ord("\n"))
+    pieces, start, first = [], chunk.start, chunk.first_line
+    for cut in inside:
+        stop = chunk.start + int(line_ends[cut - chunk.first_line]) + 1
+        pieces.append(Chunk(chunk.path, start, stop, first, cut + 1 - first, chunk.day))
+        start, first = stop, cut + 1
+    pieces.append(Chunk(chunk.path, start, chunk.stop, first, chunk.first_line + chunk.lines - first, chunk.day))
+    return pieces
+
+
+class Progress:
+    """One line on stderr, rewritten in place: lines done and the rate."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total, self.done, self.began = label, total, 0, time.perf_counter()
+
+    def add(self, lines: int) -> None:
+        self.done += lines
+        rate = self.done / max(time.perf_counter() - self.began, 1e-9)
+        print(f"\r{self.label}: {self.done:,}/{self.total:,} lines, {rate:,.0f} lines/s", end="", file=sys.stderr)
+
+    def close(self) -> None:
+        print(file=sys.stderr, flush=True)
+
+
+def _worker_pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()) -> multiprocessing.Pool:
+    # fork: the workers share the vocabularies with this process instead of receiving copies
+    return multiprocessing.get_context("fork").Pool(workers, initializer, initargs)
+
+
+# Pass 1: vocabularies ------------------------------------------------------------------------------------
+
+
+class Vocabulary:
+    """One categorical feature's distinct values, numbered in order of first appearance."""
+
+    def __init__(self) -> None:
+        self.sorted_values = np.empty(0, np.uint32)  # every numbered value, for membership tests
+        self.numbered: list[np.ndarray] = []  # the values, in id order, one array per batch of new ones
+        self.pending: list[np.ndarray] = []  # values seen since the last numbering, each in order of appearance
+        self.pending_size = 0
+
+    def add(self, values: np.ndarray) -> None:
+        """Values in order of first appearance, all seen after everything added before."""
+        self.pending.append(values)
+        self.pending_size += values.size
+        if self.pending_size >= max(self.sorted_values.size, PENDING_VALUES):
+            self.number_pending()
+
+    def number_pending(self) -> np.ndarray:
+        """Give the pending values not seen before the next ids; return them in id order."""
+        seen = np.concatenate([np.empty(0, np.uint32), *self.pending])
+        values = _first_appearances(seen)
+        new = values[~_contains(self.sorted_values, values)]
+        self.extend(new)
+        self.pending, self.pending_size = [], 0
+        return new
+
+    def extend(self, new: np.ndarray) -> None:
+        """Number values known to be new, in order."""
+        self.numbered.append(new)
+        ordered = np.sort(new)
+        self.sorted_values = np.insert(self.sorted_values, np.searchsorted(self.sorted_values, ordered), ordered)
+
+    def values_by_id(self) -> np.ndarray:
+        return np.concatenate([np.empty(0, np.uint32), *self.numbered])
+
+
+def _first_appearances(values: np.ndarray) -> np.ndarray:
+    """The distinct values, in order of first appearance."""
+    distinct, first = np.unique(values, return_index=True)
+    return distinct[np.argsort(first)]
+
+
+def _contains(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
+    at = np.minimum(np.searchsorted(sorted_values, values), max(sorted_values.size - 1, 0))
+    return sorted_values[at] == values if sorted_values.size else np.zeros(values.shape, bool)
+
+
+@dataclass
+class ChunkVocabulary:
+    """Pass 1's result for a chunk: each feature's values in order of first appearance."""
+
+    values: list[np.ndarray]
+    rows: int
+    lines: int
+    bad_lines: int
+    problem: str
+
+
+def _chunk_vocabulary(options: ParseOptions, chunk: Chunk) -> ChunkVocabulary:
+    rows, bad_lines, problem = _read_chunk(chunk, options)
+    values = [_first_appearances(column) for column in rows.categorical.T]
+    return ChunkVocabulary(values, len(rows.labels), chunk.lines, bad_lines, problem)
+
+
+def _learn_vocabularies(
+    files: CriteoFiles, days: list[list[Chunk]], options: ParseOptions, workers: int, bad_lines: BadLines
+) -> None:
+    """Pass 1: number every feature's values, day by day; save each day's new values, then the dictionaries."""
+    vocabularies = [Vocabulary() for _ in range(SPARSE_FEATURES)]
+    rows_per_day = []
+    resume_at = next((day for day in range(len(days)) if not files.day_progress_file(day).exists()), len(days))
+    for day in range(resume_at):
+        rows_per_day.append(_load_day_progress(files.day_progress_file(day), vocabularies, day, bad_lines))
+    chunks = [chunk for day_chunks in days[resume_at:] for chunk in day_chunks]
+    progress = Progress("Pass 1/2, vocabularies", sum(chunk.lines for chunk in chunks))
+    with _worker_pool(workers) as pool:
+        results = zip(chunks, pool.imap(partial(_chunk_vocabulary, options), chunks))
+        by_day = {day: [] for day in range(resume_at, len(days))}
+        for day, group in itertools.groupby(results, key=lambda pair: pair[0].day):
+            by_day[day] = list(_add_chunks(group, vocabularies, progress, bad_lines, day))
+            _save_day_progress(files.day_progress_file(day), vocabularies, sum(by_day[day]), bad_lines, day)
+        for day in range(resume_at, len(days)):
+            if not by_day[day]:  # a day without lines
+                _save_day_progress(files.day_progress_file(day), vocabularies, 0, bad_lines, day)
+            rows_per_day.append(sum(by_day[day]))
+    progress.close()
+    _save_vocabularies(files, vocabularies, rows_per_day)
+
+
+def _add_chunks(
+    group: Iterable[tuple[Chunk, ChunkVocabulary]],
+    vocabularies: list[Vocabulary],
+    progress: Progress,
+    bad_lines: BadLines,
+    day: int,
+) -> Iterator[int]:
+    for _, result in group:
+        for vocabulary, values in zip(vocabularies, result.values):
+            vocabulary.add(values)
+        bad_lines.add(day, result.bad_lines, result.problem)
+        progress.add(result.lines)
+        yield result.rows
+
+
+def _save_day_progress(path: Path, vocabularies: list[Vocabulary], rows: int, bad: BadLines, day: int) -> None:
+    new_values = {f"C{j + 1}": v.number_pending() for j, v in enumerate(vocabularies)}
+    problem = np.array(bad.first if bad.per_day.get(day) else "")
+    _write_npz(path, {**new_values, "rows": np.array(rows), "bad_lines": np.array(bad.per_day.get(day, 0)), "problem": problem})
+
+
+def _load_day_progress(path: Path, vocabularies: list[Vocabulary], day: int, bad: BadLines) -> int:
+    with np.load(path) as data:
+        for j, vocabulary in enumerate(vocabularies):
+            vocabulary.extend(data[f"C{j + 1}"])
+        bad.add(day, int(data["bad_lines"]), str(data["problem"]))
+        return int(data["rows"])
+
+
+def _save_vocabularies(files: CriteoFiles, vocabularies: list[Vocabulary], rows_per_day: list[int]) -> None:
+    """The original's dictionary files (values as int32, which is what it stored), day counts, then counts last."""
+    _write_npz(files.day_count_file, {"total_per_file": np.array(rows_per_day, np.int64)})
+    for j, vocabulary in enumerate(vocabularies):
+        _write_npz(files.dictionary_file(j), {"unique": vocabulary.values_by_id().view(np.int32)})
+    counts = np.array([v.sorted_values.size for v in vocabularies], np.int32)
+    _write_npz(files.counts_file, {"counts": counts})
+    for day in range(len(rows_per_day)):
+        files.day_progress_file(day).unlink(missing_ok=True)
+
+
+def _load_dictionary(files: CriteoFiles, feature: int) -> np.ndarray:
+    path = files.dictionary_file(feature)
+    _check_arrays(path, lambda shapes: {"unique": shapes.get("unique") if len(shapes.get("unique", ())) == 1 else None})
+    with np.load(path) as data:
+        return data["unique"].astype(np.int64).astype(np.uint32)  # int32 wraps back to the 32-bit hash
+
+
+# Pass 2: ids ---------------------------------------------------------------------------------------------
+
+
+class IdLookup:
+    """Value -> id for one feature."""
+
+    def __init__(self, values_by_id: np.ndarray) -> None:
+        order = np.argsort(values_by_id, kind="stable")
+        self.sorted_values = values_by_id[order]
+        self.ids = order.astype(np.int32)
+
+    def __call__(self, values: np.ndarray) -> np.ndarray | None:
+        """The values' ids, or None when a value is not in the vocabulary."""
+        if not values.size:
+            return np.empty(0, np.int32)
+        if not self.sorted_values.size:
+            return None
+        at = np.minimum(np.searchsorted(self.sorted_values, values), self.sorted_values.size - 1)
+        return self.ids[at] if np.array_equal(self.sorted_values[at], values) else None
+
+
+_worker_lookups: list[IdLookup] = []
+
+
+def _set_worker_lookups(lookups: list[IdLookup]) -> None:
+    global _worker_lookups
+    _worker_lookups = lookups
+
+
+@dataclass
+class ChunkRows:
+    """Pass 2's result for a chunk: its rows with ids, or the first feature with a value missing from its vocabulary."""
+
+    labels: np.ndarray
+    dense: np.ndarray
+    ids: np.ndarray
+    lines: int
+    bad_lines: int
+    problem: str
+    unknown_feature: int | None = None
+
+
+def _chunk_rows(options: ParseOptions, chunk: Chunk) -> ChunkRows:
+    rows, bad_lines, problem = _read_chunk(chunk, options)
+    ids = np.empty(rows.categorical.shape, np.int32)
+    for j, lookup in enumerate(_worker_lookups):
+        column_ids = lookup(rows.categorical[:, j])
+        if column_ids is None:
+            return ChunkRows(rows.labels, rows.dense, ids, chunk.lines, bad_lines, problem, unknown_feature=j)
+        ids[:, j] = column_ids
+    return ChunkRows(rows.labels, rows.dense, ids, chunk.lines, bad_lines, problem)
+
+
+def _write_days(
+    files: CriteoFiles,
+    days: list[list[Chunk]],
+    rows_per_day: list[int],
+    lookups: list[IdLookup],
+    options: ParseOptions,
+    workers: int,
+    bad_lines: BadLines,
+) -> None:
+    """Pass 2: map each missing day's values to ids and write its processed file."""
+    chunks = [chunk for day_chunks in days for chunk in day_chunks]
+    progress = Progress("Pass 2/2, ids", sum(chunk.lines for chunk in chunks))
+    written = set()
+    with _worker_pool(workers, _set_worker_lookups, (lookups,)) as pool:
+        results = zip(chunks, pool.imap(partial(_chunk_rows, options), chunks))
+        for day, group in itertools.groupby(results, key=lambda pair: pair[0].day):
+            with DayWriter(files.day_file(day), rows_per_day[day], files.day_count_file) as writer:
+                for chunk, result in group:
+                    if result.unknown_feature is not None:
+                        raise DataError(
+                            f"{chunk.path}: a C{result.unknown_feature + 1} value is not in "
+                            f"{files.dictionary_file(result.unknown_feature)}; the dictionaries were made from other "
+                            "data or flags (--max-ind-range, --data-sub-sample-rate): delete them to start over"
+                        )
+                    writer.append(result)
+                    bad_lines.add(day, result.bad_lines, result.problem)
+                    progress.add(result.lines)
+            written.add(day)
+    for day_chunks in days:  # days without lines
+        if day_chunks and day_chunks[0].day not in written or not day_chunks:
+            pass
+    progress.close()
+
+
+class DayWriter:
+    """A day's processed file, written as its rows arrive: arrays in temporary files, then one npz, atomically."""
+
+    ARRAYS = {"X_int": DENSE_FEATURES, "X_cat": SPARSE_FEATURES, "y": 0}
+
+    def __init__(self, path: Path, rows: int, day_count_file: Path) -> None:
+        self.path, self.expected_rows, self.day_count_file, self.rows = path, rows, day_count_file, 0
+
+    def __enter__(self) -> DayWriter:
+        self.directory = tempfile.TemporaryDirectory(dir=self.path.parent, prefix=f".{self.path.name}.")
+        self.parts = {name: open(Path(self.directory.name) / name, "wb") for name in self.ARRAYS}
+        return self
+
+    def append(self, rows: ChunkRows) -> None:
+        for name, values in zip(self.ARRAYS, (rows.dense, rows.ids, rows.labels)):
+            self.parts[name].write(values.astype(np.int32).tobytes())
+        self.rows += len(rows.labels)
+
+    def __exit__(self, error_type: type | None, *_: object) -> None:
+        for part in self.parts.values():
+            part.close()
+        try:
+            if error_type is None:
+                self._finish()
+        finally:
+            self.directory.cleanup()
+
+    def _finish(self) -> None:
+        if self.rows != self.expected_rows:
+            raise DataError(
+                f"{self.path}: the raw data gives {self.rows} rows, {self.day_count_file} says {self.expected_rows}; "
+                "the raw data changed since: delete the processed files to start over"
+            )
+        members = {}
+        for name, width in self.ARRAYS.items():
+            shape = (self.rows, width) if width else (self.rows,)
+            members[name] = (shape, np.dtype(np.int32), _file_blocks(Path(self.directory.name) / name))
+        _write_npz(self.path, members)
+
+
+def _file_blocks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            yield block
+
+
+# Parsing -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rows:
+    """Parsed samples: labels, integer features (negatives as 0) and categorical values."""
+
+    labels: np.ndarray  # int32 [n]
+    dense: np.ndarray  # int32 [n, 13]
+    categorical: np.ndarray  # uint32 [n, 26]
+    lines: np.ndarray  # each row's line, counted from 0 in the text it came from
+
+    def select(self, keep: np.ndarray) -> Rows:
+        return Rows(self.labels[keep], self.dense[keep], self.categorical[keep], self.lines[keep])
+
+
+_NEWLINE, _TAB, _MINUS = ord("\n"), ord("\t"), ord("-")
+_DIGIT = np.full(256, -1, np.int64)
+_DIGIT[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX_DIGIT = _DIGIT.copy()
+_HEX_DIGIT[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_HEX_DIGIT[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+_INTEGER_FIELD = re.compile(rb"-?[0-9]{1,10}|")
+_HEX_FIELD = re.compile(rb"[0-9a-fA-F]{0,8}")
+_INT32 = np.iinfo(np.int32)
+
+
+def parse_lines(text: bytes) -> tuple[Rows, np.ndarray]:
+    """Parse lines (each ending with a newline): the well-formed rows, and the indices of the malformed lines.
+
+    Fields: the label is 0 or 1, integers fit in int32 (``-?digits``), categorical values are up to 8 hex digits;
+    an empty field is 0. Vectorized over the whole text; ``describe_problem`` says what is wrong with a line.
+    """
+    buffer = np.frombuffer(text, np.uint8)
+    is_line_end = buffer == _NEWLINE
+    field_ends = np.flatnonzero(is_line_end | (buffer == _TAB))
+    ends_line = is_line_end[field_ends]
+    line_of_field = np.cumsum(ends_line) - ends_line
+    whole = np.bincount(line_of_field, minlength=int(ends_line.sum())) == FIELDS
+    in_whole_line = whole[line_of_field]
+    starts = np.concatenate(([0], field_ends[:-1] + 1))[in_whole_line].reshape(-1, FIELDS)
+    lengths = field_ends[in_whole_line].reshape(-1, FIELDS) - starts
+    integers, integers_ok = _integer_fields(buffer, starts[:, : 1 + DENSE_FEATURES], lengths[:, : 1 + DENSE_FEATURES])
+    hashes, hashes_ok = _digits(buffer, starts[:, 1 + DENSE_FEATURES :], lengths[:, 1 + DENSE_FEATURES :], _HEX_DIGIT, 16, 8)
+    labels, dense = integers[:, 0], integers[:, 1:]
+    good = (
+        integers_ok.all(axis=1)
+        & hashes_ok.all(axis=1)
+        & ((labels == 0) | (labels == 1))
+        & ((dense >= _INT32.min) & (dense <= _INT32.max)).all(axis=1)
+    )
+    lines = np.flatnonzero(whole)
+    rows = Rows(labels.astype(np.int32), np.maximum(dense, 0).astype(np.int32), hashes.astype(np.uint32), lines)
+    bad = np.union1d(np.flatnonzero(~whole), lines[~good])
+    return rows.select(good), bad
+
+
+def _integer_fields(buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    negative = (lengths > 0) & (buffer[starts] == _MINUS)
+    values, valid = _digits(buffer, starts + negative, lengths - negative, _DIGIT, 10, 10)
+    return np.where(negative, -values, values), valid & ~(negative & (lengths == 1))
+
+
+def _digits(
+    buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray, digit_value: np.ndarray, base: int, most: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The numbers written in the fields (at most ``most`` digits), and whether each field is valid."""
+    values = np.zeros(starts.shape, np.int64)
+    valid = lengths <= most
+    for k in range(most):
+        inside = k < lengths
+        digit = digit_value[buffer[np.where(inside, starts + k, 0)]]
+        valid &= ~inside | (digit >= 0)
+        values = np.where(inside, values * base + digit, values)
+    return values, valid
+
+
+def describe_problem(line: bytes) -> str:
+    """What is wrong with a line ``parse_lines`` rejected."""
+    fields = line.split(b"\t")
+    if len(fields) != FIELDS:
+        return f"expected {FIELDS} tab-separated fields (label, I1-I13, C1-C26), found {len(fields)}"
+    for name, text in zip(FIELD_NAMES, fields):
+        shown = repr(text.decode(errors="replace")[:24])
+        if name.startswith("C"):
+            if not _HEX_FIELD.fullmatch(text):
+                return f"{name} {shown} is not a hexadecimal number of at most 8 digits"
+        elif not _INTEGER_FIELD.fullmatch(text) or not _INT32.min <= int(text or 0) <= _INT32.max:
+            return f"{name} {shown} is not a 32-bit integer"
+        elif name == "label" and int(text or 0) not in (0, 1):
+            return f"label {shown} is not 0 or 1"
+    return "malformed line"
+
+
+def _read_chunk(chunk: Chunk, options: ParseOptions) -> tuple[Rows, int, str]:
+    """The chunk's rows after --data-sub-sample-rate and --max-ind-range; its bad lines and the first one's problem."""
+    with open(chunk.path, "rb") as f:
+        f.seek(chunk.start)
+        text = f.read(chunk.stop - chunk.start)
+    if not text.endswith(b"\n"):
+        text += b"\n"
+    rows, bad = parse_lines(text)
+    problem = ""
+    if bad.size:
+        problem = f"{chunk.path}:{chunk.first_line + int(bad[0])}: {describe_problem(_line(text, int(bad[0])))}"
+        if not options.skip_bad_lines:
+            raise DataError(problem)
+    if options.sub_sample_rate > 0:
+        draws = _uniform_per_line(options.seed, chunk.day, chunk.first_line + rows.lines)
+        rows = rows.select((rows.labels != 0) | (draws >= options.sub_sample_rate))
+    if options.max_ind_range > 0:
+        rows.categorical %= np.uint32(options.max_ind_range)
+    return rows, int(bad.size), problem
+
+
+def _line(text: bytes, index: int) -> bytes:
+    start = 0
+    for _ in range(index):
+        start = text.index(b"\n", start) + 1
+    return text[start : text.index(b"\n", start)]
+
+
+def _uniform_per_line(seed: int, day: int, lines: np.ndarray) -> np.ndarray:
+    """A draw in [0, 1) for each line, fixed by (seed, day, line): the same however the text is cut into chunks."""
+    x = lines.astype(np.uint64) + np.uint64(day << 40) + np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64)
+    for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):  # splitmix64's finalizer
+        x = (x ^ (x >> np.uint64(shift))) * np.uint64(multiplier)
+    x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+# ---------------------------------------------------------------------------------------------------------
+# npz files: streamed writing, checking, memory-mapping
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _atomic:
+    """``with _atomic(path) as temp``: write temp; on success it replaces path, on failure it is removed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.temp = path, path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+    def __enter__(self) -> Path:
+        return self.temp
+
+    def __exit__(self, error_type: type | None, *_: object) -> None:
+        if error_type is None:
+            os.replace(self.temp, self.path)
+        else:
+            self.temp.unlink(missing_ok=True)
+
+
+Member = tuple[tuple[int, ...], np.dtype, Iterable[np.ndarray | bytes]] | np.ndarray
+
+
+def _write_npz(path: Path, members: dict[str, Member]) -> None:
+    """An uncompressed npz (so it can be memory-mapped), each array written block by block."""
+    with _atomic(path) as temp, zipfile.ZipFile(temp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, member in members.items():
+            shape, dtype, blocks = (member.shape, member.dtype, [member]) if isinstance(member, np.ndarray) else member
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as out:
+                np.lib.format.write_array_header_1_0(out, header)
+                for block in blocks:
+                    out.write(block if isinstance(block, bytes) else np.ascontiguousarray(block, dtype).tobytes())
+
+
+def _npy_header(stream, path: Path, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from a .npy header; the stream is left at the data."""
+    version = np.lib.format.read_magic(stream)
+    if version not in ((1, 0), (2, 0)):
+        raise DataError(f"{path}: array {name} has .npy format version {version}, expected 1.0 or 2.0")
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read(stream)
+    if fortran_order and len(shape) > 1:
+        raise DataError(f"{path}: array {name} is in Fortran order, expected C order")
+    return shape, dtype
+
+
+def _array_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            shapes = {}
+            for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
+                with archive.open(info) as stream:
+                    shapes[name] = _npy_header(stream, path, name)[0]
+            return shapes
+    except (zipfile.BadZipFile, ValueError, OSError) as error:
+        raise DataError(f"{path}: not a readable npz file ({error})") from None
+
+
+def _check_arrays(path: Path, expected: Callable[[dict], dict]) -> dict[str, tuple[int, ...]]:
+    """Check the file holds the expected arrays: ``expected(shapes)`` gives each name's expected shape."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    shapes = _array_shapes(path)
+    for name, shape in expected(shapes).items():
+        if name not in shapes:
+            raise DataError(f"{path}: no array {name}")
+        if shape is None or tuple(shapes[name]) != tuple(shape):
+            raise DataError(f"{path}: array {name} has shape {shapes[name]}, expected {shape or 'another shape'}")
+    return shapes
+
+
+def _concatenated_shapes(shapes: dict) -> dict:
+    rows = shapes["y"][0] if len(shapes.get("y", ())) == 1 else None
+    return {"y": (rows,), "X_int": (rows, DENSE_FEATURES), "X_cat": (rows, SPARSE_FEATURES), "counts": (SPARSE_FEATURES,)}
+
+
+def _day_shapes(shapes: dict, rows: int) -> dict:
+    return {"y": (rows,), "X_int": (rows, DENSE_FEATURES), "X_cat": (rows, SPARSE_FEATURES)}
+
+
+def _member_blocks(path: Path, name: str, dtype: type) -> Iterator[np.ndarray]:
+    """An array of an npz file (compressed or not), BLOCK_ROWS rows at a time, as ``dtype``."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as stream:
+        shape, stored = _npy_header(stream, path, name)
+        row_shape = shape[1:]
+        row_bytes = stored.itemsize * math.prod(row_shape)
+        for start in range(0, shape[0], BLOCK_ROWS):
+            rows = min(BLOCK_ROWS, shape[0] - start)
+            data = stream.read(rows * row_bytes)
+            if len(data) != rows * row_bytes:
+                raise DataError(f"{path}: array {name} is truncated")
+            yield np.frombuffer(data, stored).reshape(rows, *row_shape).astype(dtype)
+
+
+def _concatenate(day_files: list[Path], rows_per_day: list[int], counts: list[int], path: Path) -> None:
+    """The original's concatenated processed file (X_int, X_cat, y, counts), streamed from the day files."""
+    total = sum(rows_per_day)
+
+    def blocks(name: str) -> Iterator[np.ndarray]:
+        for day_file in day_files:
+            yield from _member_blocks(day_file, name, np.int32)
+
+    members = {
+        "X_int": ((total, DENSE_FEATURES), np.dtype(np.int32), blocks("X_int")),
+        "X_cat": ((total, SPARSE_FEATURES), np.dtype(np.int32), blocks("X_cat")),
+        "y": ((total,), np.dtype(np.int32), blocks("y")),
+        "counts": np.array(counts, np.int32),
+    }
+    _write_npz(path, members)
+
+
+def _store_uncompressed(path: Path) -> None:
+    """Rewrite a compressed npz (as the original wrote them) uncompressed, so its arrays can be memory-mapped."""
+    with zipfile.ZipFile(path) as archive:
+        if all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist()):
+            return
+    _status(f"Rewriting {path} uncompressed, so that it can be memory-mapped")
+    with zipfile.ZipFile(path) as source, _atomic(path) as temp, zipfile.ZipFile(temp, "w", allowZip64=True) as out:
+        for info in source.infolist():
+            with source.open(info) as data, out.open(info.filename, "w", force_zip64=True) as copy:
+                while block := data.read(CHUNK_BYTES):
+                    copy.write(block)
+
+
+def _map_array(path: Path, name: str) -> np.ndarray:
+    """An array of an uncompressed npz, memory-mapped read-only."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{name}.npy")
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        name_length, extra_length = struct.unpack("<26xHH", f.read(30))
+        f.seek(info.header_offset + 30 + name_length + extra_length)
+        shape, dtype = _npy_header(f, path, name)
+        offset = f.tell()
+    if math.prod(shape) == 0:
+        return np.empty(shape, dtype)
+    return np.memmap(path, dtype, "r", offset, shape)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Datasets: item i is batch i
+# ---------------------------------------------------------------------------------------------------------
+
+
+def criteo_datasets(args: argparse.Namespace, processed: Processed) -> tuple[torch.utils.data.Dataset, ...]:
+    """(train, test) for the training script: batches of --mini-batch-size and --test-mini-batch-size rows."""
+    train_batch = args.mini_batch_size
+    test_batch = args.test_mini_batch_size if args.test_mini_batch_size > 0 else train_batch
+    counts = [min(c, args.max_ind_range) if args.max_ind_range > 0 else c for c in processed.counts]
+    if processed.bin_files:
+        shuffle_seed = args.numpy_rand_seed if args.mlperf_bin_shuffle else None
+        train = BinBatches(processed.bin_files["train"], train_batch, counts, args.max_ind_range, shuffle_seed)
+        return train, BinBatches(processed.bin_files["test"], test_batch, counts, args.max_ind_range)
+    if processed.concatenated is not None:
+        rows = _load_concatenated(processed.concatenated)
+    else:
+        rows = DayRows(processed.day_files, processed.rows_per_day)
+    train_order, test_order, _ = _split_orders(processed.rows_per_day, args.data_randomize, np.random)
+    # The original built the split twice (for its train and its test set), drawing twice from the generator;
+    # draw again so that the model drawn next starts from the same state.
+    _split_orders(processed.rows_per_day, args.data_randomize, np.random)
+    train = CriteoBatches(rows, train_order, train_batch, counts, args.max_ind_range)
+    return train, CriteoBatches(rows, test_order, test_batch, counts, args.max_ind_range)
+
+
+def _split_orders(
+    rows_per_day: list[int], randomize: str, generator: np.random.RandomState
+) -> tuple[np.ndarray | range, range, range]:
+    """Row orders of (train, test, val): train = every day but the last, in the --data-randomize order;
+    the last day's first half (the larger) is test, its second half val."""
+    starts = np.concatenate(([0], np.cumsum(rows_per_day, dtype=np.int64)))
+    train_rows, total = int(starts[-2]), int(starts[-1])
+    if randomize == "day":
+        days = [start + generator.permutation(rows) for start, rows in zip(starts[:-2], rows_per_day[:-1])]
+        train = np.concatenate([np.empty(0, np.int64), *days])
+    elif randomize == "total":
+        train = generator.permutation(train_rows)
+    else:
+        train = range(train_rows)
+    test_end = train_rows + math.ceil((total - train_rows) / 2)
+    return train, range(train_rows, test_end), range(test_end, total)
+
+
+def _load_concatenated(path: Path) -> ArrayRows:
+    _status(f"Reading {path}")
+    with np.load(path) as data:
+        dense, labels = data["X_int"], data["y"]
+        categorical = data["X_cat"]
+        if categorical.dtype != np.int32:  # the original stored ids as float64
+            categorical = categorical.astype(np.int32)
+    return ArrayRows(dense, categorical, labels)
+
+
+class ArrayRows:
+    """Rows held in memory."""
+
+    def __init__(self, dense: np.ndarray, categorical: np.ndarray, labels: np.ndarray) -> None:
+        self.dense, self.categorical, self.labels = dense, categorical, labels
+
+    def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.dense[rows], self.categorical[rows], self.labels[rows]
+
+
+class DayRows:
+    """Rows of the per-day files, memory-mapped; row numbers run through the days in order."""
+
+    def __init__(self, day_files: list[Path], rows_per_day: list[int]) -> None:
+        self.day_files = day_files
+        self.starts = np.concatenate(([0], np.cumsum(rows_per_day, dtype=np.int64)))
+        self._days: list[tuple[np.ndarray, ...]] | None = None
+
+    def __getstate__(self) -> dict:  # a process that receives it maps the files itself
+        return {**self.__dict__, "_days": None}
+
+    def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._days is None:
+            self._days = [tuple(_map_array(path, name) for name in ("X_int", "X_cat", "y")) for path in self.day_files]
+        day_of_row = np.searchsorted(self.starts, rows, side="right") - 1
+        dense = np.empty((rows.size, DENSE_FEATURES), self._days[0][0].dtype)
+        categorical = np.empty((rows.size, SPARSE_FEATURES), self._days[0][1].dtype)
+        labels = np.empty(rows.size, self._days[0][2].dtype)
+        for day in np.unique(day_of_row):
+            here = day_of_row == day
+            local = rows[here] - self.starts[day]
+            day_dense, day_categorical, day_labels = self._days[day]
+            dense[here], categorical[here], labels[here] = day_dense[local], day_categorical[local], day_labels[local]
+        return dense, categorical, labels
+
+
+def _batch(dense: np.ndarray, categorical: np.ndarray, labels: np.ndarray, max_ind_range: int) -> Batch:
+    """The training script's raw batch: log(x + 1) of the integers, one index per bag, targets as a column."""
+    n = len(labels)
+    indices = categorical.astype(np.int64)
+    if max_ind_range > 0:
+        indices %= max_ind_range
+    dense_tensor = torch.log(torch.from_numpy(np.asarray(dense, np.float32)) + 1)
+    offsets = [torch.arange(n) for _ in range(SPARSE_FEATURES)]
+    targets = torch.from_numpy(np.asarray(labels, np.float32).reshape(n, 1))
+    return dense_tensor, offsets, list(torch.from_numpy(np.ascontiguousarray(indices.T)).unbind(0)), targets
+
+
+class CriteoBatches(torch.utils.data.Dataset):
+    """Batch ``i``: rows ``order[i * batch_size : (i + 1) * batch_size]``; the last batch may be partial."""
+
+    dense_features = DENSE_FEATURES
+
+    def __init__(
+        self, rows: ArrayRows | DayRows, order: np.ndarray | range, batch_size: int, counts: list[int], max_ind_range: int
+    ) -> None:
+        self.rows, self.order, self.batch_size = rows, order, batch_size
+        self.counts, self.max_ind_range = counts, max_ind_range
+        self.epoch = 0  # set by the training script; the order does not depend on it
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.batch_size)
+
+    def __getitem__(self, index: int) -> Batch:
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} of {len(self)}")
+        rows = np.asarray(self.order[index * self.batch_size : (index + 1) * self.batch_size])
+        return _batch(*self.rows.take(rows), self.max_ind_range)
+
+
+class BinBatches(torch.utils.data.Dataset):
+    """Batches of a .bin file of int32 records [label, I1..I13, C1..C26] (the original's --mlperf-bin-loader).
+
+    With a shuffle seed the full batches come in an order drawn from (seed, epoch), the partial one stays last.
+    """
+
+    dense_features = DENSE_FEATURES
+
+    def __init__(
+        self, path: Path, batch_size: int, counts: list[int], max_ind_range: int, shuffle_seed: int | None = None
+    ) -> None:
+        size = path.stat().st_size
+        if size % (4 * FIELDS):
+            raise DataError(f"{path}: {size} bytes is not a whole number of {4 * FIELDS}-byte records")
+        self.path, self.rows, self.batch_size = path, size // (4 * FIELDS), batch_size
+        self.counts, self.max_ind_range, self.shuffle_seed = counts, max_ind_range, shuffle_seed
+        self.epoch = 0
+        self._records: np.ndarray | None = None
+        self._shuffled: tuple[int, np.ndarray] | None = None  # (epoch, batch order)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_records": None}
+
+    def __len__(self) -> int:
+        return math.ceil(self.rows / self.batch_size)
+
+    def __getitem__(self, index: int) -> Batch:
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} of {len(self)}")
+        if self._records is None:
+            self._records = np.memmap(self.path, np.int32, "r", shape=(self.rows, FIELDS)) if self.rows else None
+        start = self._batch_position(index) * self.batch_size
+        records = self._records[start : start + self.batch_size]
+        return _batch(records[:, 1 : 1 + DENSE_FEATURES], records[:, 1 + DENSE_FEATURES :], records[:, 0], self.max_ind_range)
+
+    def _batch_position(self, index: int) -> int:
+        full_batches = self.rows // self.batch_size
+        if self.shuffle_seed is None or index >= full_batches:
+            return index
+        if self._shuffled is None or self._shuffled[0] != self.epoch:
+            order = np.random.default_rng([self.shuffle_seed, self.epoch]).permutation(full_batches)
+            self._shuffled = (self.epoch, order)
+        return int(self._shuffled[1][index])

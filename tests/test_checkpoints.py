@@ -1,0 +1,168 @@
+"""Checkpoints (``--save-model``, ``--load-model``): exact resume, atomic writes, signals, and bad files."""
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, finished_lines, run_script
+
+TINY = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=5-8-4", "--mini-batch-size=16", "--print-freq=1"]
+TINY += ["--num-indices-per-lookup=6", "--learning-rate=0.05", "--arch-embedding-size=40-7-200-25"]
+CASES = {
+    "dot-sgd": ["--arch-interaction-op=dot", "--arch-mlp-top=14-6-1", "--optimizer=sgd"],
+    "cat-adagrad": ["--arch-mlp-top=20-6-1", "--optimizer=adagrad"],
+}
+
+
+def saved(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Weights and optimizer state bit for bit."""
+    assert a["weights"].keys() == b["weights"].keys()
+    for name in a["weights"]:
+        assert torch.equal(a["weights"][name], b["weights"][name]), name
+    for name in a["sparse_state"]:
+        assert torch.equal(a["sparse_state"][name], b["sparse_state"][name]), name
+    assert len(a["dense_state"]) == len(b["dense_state"])
+    assert all(torch.equal(x, y) for x, y in zip(a["dense_state"], b["dense_state"], strict=True))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_resumed_run_equals_the_run_that_never_stopped(name: str, tmp_path: Path) -> None:
+    argv = [*TINY, *CASES[name]]
+    whole = run_script(*argv, "--num-batches=12", "--save-model", str(tmp_path / "whole.pt"))
+    first = run_script(*argv, "--num-batches=6", "--save-model", str(tmp_path / "half.pt"))
+    resumed = run_script(
+        *argv, "--num-batches=12", "--load-model", str(tmp_path / "half.pt"), "--save-model", str(tmp_path / "end.pt")
+    )
+    for result in (whole, first, resumed):
+        assert result.returncode == 0, result.stderr
+    assert "Loaded" in resumed.stdout and "saved after it 6 of epoch 0" in resumed.stdout
+    later = finished_lines(resumed.stdout)
+    assert [line["it"] for line in later] == list(range(7, 13))
+    assert later == finished_lines(whole.stdout)[6:]  # losses and accuracies printed identically
+    assert_same_training_state(saved(tmp_path / "whole.pt"), saved(tmp_path / "end.pt"))
+
+
+def test_resuming_into_the_next_epoch_with_loader_workers(tmp_path: Path) -> None:
+    argv = [*TINY, *CASES["cat-adagrad"], "--num-batches=4", "--print-freq=2"]
+    whole = run_script(*argv, "--nepochs=2", "--save-model", str(tmp_path / "whole.pt"))
+    first = run_script(*argv, "--nepochs=1", "--save-model", str(tmp_path / "epoch0.pt"))
+    resumed = run_script(*argv, "--nepochs=2", "--num-workers=2", "--load-model", str(tmp_path / "epoch0.pt"),
+                         "--save-model", str(tmp_path / "end.pt"))  # fmt: skip
+    for result in (whole, first, resumed):
+        assert result.returncode == 0, result.stderr
+    later = finished_lines(resumed.stdout)
+    assert [(line["epoch"], line["it"]) for line in later] == [(1, 2), (1, 4)]
+    assert later == finished_lines(whole.stdout)[2:]
+    assert_same_training_state(saved(tmp_path / "whole.pt"), saved(tmp_path / "end.pt"))
+
+
+def test_save_freq_saves_every_n_iterations_and_at_the_end(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    result = run_script(*TINY, *CASES["dot-sgd"], "--num-batches=10", "--save-freq=4", "--save-model", str(path))
+    assert result.returncode == 0, result.stderr
+    assert re.findall(r"^Saved .* at it (\d+) of epoch 0$", result.stdout, re.M) == ["4", "8", "10"]
+    assert saved(path)["position"] == dict(epoch=0, batch=10, iteration=10)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left behind
+
+
+def start(argv: list[str], cwd: Path) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *argv]
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(process: subprocess.Popen, pattern: str) -> str:
+    for line in process.stdout:
+        if re.search(pattern, line):
+            return line
+    raise AssertionError(f"the run ended without printing {pattern!r}: {process.stderr.read()}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_and_exits_cleanly_and_the_run_resumes_exactly(signum: int, tmp_path: Path) -> None:
+    argv = [*TINY, *CASES["cat-adagrad"], "--print-freq=5"]
+    path = tmp_path / "model.pt"
+    process = start([*argv, "--num-batches=100000", "--save-model", str(path)], tmp_path)
+    wait_for_line(process, r"^Finished training it 10/")
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum, err
+    assert err == ""
+    stopped = re.search(rf"^Stopped by {signal.Signals(signum).name} after it (\d+)/100000 of epoch 0$", out, re.M)
+    assert stopped, out
+    k = int(stopped[1])
+    assert saved(path)["position"]["iteration"] == k
+
+    end = (k // 5 + 2) * 5  # two more print windows
+    resumed = run_script(*argv, f"--num-batches={end}", "--load-model", str(path))
+    whole = run_script(*argv, f"--num-batches={end}")
+    assert resumed.returncode == 0 and whole.returncode == 0, resumed.stderr + whole.stderr
+    # the window in progress at the signal was saved too, so even the line that spans the stop is equal
+    assert finished_lines(resumed.stdout) == [line for line in finished_lines(whole.stdout) if line["it"] > k]
+
+
+def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    big = ["--arch-embedding-size=2000000-1000", "--arch-mlp-top=12-4-1", "--optimizer=adagrad"]
+    argv = [*TINY[:-1], *big, "--num-batches=1000", "--save-freq=1", "--save-model", str(path)]
+    process = start(argv, tmp_path)
+    wait_for_line(process, r"^Saved ")
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".model.pt.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    process.kill()  # in the middle of writing the next checkpoint
+    process.communicate()
+    assert list(tmp_path.glob(".model.pt.*.tmp")), "the kill did not land during a save"
+    checkpoint = saved(path)
+    assert checkpoint["position"]["iteration"] >= 1
+    resumed = run_script(*TINY[:-1], *big, "--num-batches=3", "--nepochs=2", "--load-model", str(path), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_inference_only_evaluates_a_loaded_model(tmp_path: Path) -> None:
+    argv = [*TINY, *CASES["cat-adagrad"], "--num-batches=6", "--round-targets"]
+    path = tmp_path / "model.pt"
+    assert run_script(*argv, "--learning-rate=0.5", "--save-model", str(path)).returncode == 0
+    trained = run_script(*argv, "--inference-only", "--load-model", str(path))
+    untrained = run_script(*argv, "--inference-only")
+    assert trained.returncode == 0 and untrained.returncode == 0, trained.stderr + untrained.stderr
+    lines, baseline = finished_lines(trained.stdout), finished_lines(untrained.stdout)
+    assert [line["phase"] for line in lines] == ["inference"] * 6
+    assert [line["loss"] for line in lines] != [line["loss"] for line in baseline]
+
+
+def write_bad_files(tmp_path: Path, good: Path) -> dict[str, tuple[Path, list[str], str]]:
+    data = good.read_bytes()
+    truncated, corrupt, other = tmp_path / "truncated.pt", tmp_path / "corrupt.pt", tmp_path / "other.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    corrupt.write_bytes(bytes(b ^ 0x5A for b in data))
+    torch.save({"weights": {}}, other)
+    return {
+        "truncated": (truncated, [], "truncated or corrupt"),
+        "corrupt": (corrupt, [], "truncated or corrupt"),
+        "not ours": (other, [], "not a checkpoint written by this script's --save-model"),
+        "missing": (tmp_path / "absent.pt", [], "no such file"),
+        "other rows": (good, ["--arch-embedding-size=40-7-201-25"], "'table 2 rows 0-199' has shape [200, 4], "
+                                                                      "this model's is [201, 4]"),
+        "other layer": (good, ["--arch-mlp-bot=5-9-4"], "'bottom_mlp.0.weight' has shape [8, 5], this model's is [9, 5]"),
+        "other optimizer": (good, ["--optimizer=sgd"], "saved with --optimizer adagrad, this run uses sgd"),
+    }  # fmt: skip
+
+
+def test_bad_checkpoints_stop_with_one_line_naming_what_does_not_fit(tmp_path: Path) -> None:
+    good = tmp_path / "good.pt"
+    argv = [*TINY, *CASES["cat-adagrad"], "--num-batches=2"]
+    assert run_script(*argv, "--save-model", str(good)).returncode == 0
+    for name, (path, flags, message) in write_bad_files(tmp_path, good).items():
+        result = run_script(*argv, *flags, "--load-model", str(path))
+        assert result.returncode == 2, name
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, (name, result.stderr)
+        assert f"--load-model {path}" in result.stderr and message in result.stderr, (name, result.stderr)

@@ -1,0 +1,100 @@
+"""What a run leaves for people and for serving: metrics, TensorBoard, ONNX, the compute graph; trace data."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, finished_lines, run_script
+
+import trace_data
+
+TINY = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=5-8-4", "--mini-batch-size=16", "--learning-rate=0.05"]
+TINY += ["--num-indices-per-lookup=6", "--arch-embedding-size=40-7-200-25", "--arch-mlp-top=20-6-1"]
+
+
+def test_each_printed_window_appends_a_json_line(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    argv = [*TINY, "--num-batches=10", "--print-freq=4", "--print-time", "--metrics-file", str(metrics)]
+    first = run_script(*argv)
+    second = run_script(*argv, "--nepochs=2")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(r["epoch"], r["iteration"], r["step"]) for r in records] == [
+        (0, 4, 4), (0, 8, 8), (0, 10, 10),  # the first run
+        (0, 4, 4), (0, 8, 8), (0, 10, 10), (1, 4, 14), (1, 8, 18), (1, 10, 20),  # appended by the second
+    ]  # fmt: skip
+    printed = finished_lines(first.stdout)
+    for record, line in zip(records, printed, strict=False):
+        assert record["phase"] == "train" and record["auc"] is None
+        assert record["loss"] == pytest.approx(line["loss"], abs=1e-6)
+        assert 100 * record["accuracy"] == pytest.approx(line["accuracy"], abs=1e-3)
+        assert record["ms_per_it"] == pytest.approx(line["ms"], abs=0.01)
+        assert record["samples_per_s"] == pytest.approx(16 * 1000 / record["ms_per_it"])
+
+
+def test_tensorboard_gets_the_same_metrics(tmp_path: Path) -> None:
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    result = run_script(*TINY, "--num-batches=6", "--print-freq=2", "--tensorboard", str(tmp_path / "tb"))
+    assert result.returncode == 0, result.stderr
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [2, 4, 6]
+    assert [round(e.value, 6) for e in losses] == [line["loss"] for line in finished_lines(result.stdout)]
+
+
+def test_onnx_export_matches_pytorch(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "dlrm.onnx"
+    result = run_script(*TINY, "--num-batches=3", "--arch-interaction-op=dot", "--arch-mlp-top=14-6-1",
+                        "--optimizer=adagrad", "--save-onnx", str(path), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert path.stat().st_size > 0 and f"ONNX model written to {path}" in result.stdout
+    difference = re.search(r"largest difference from PyTorch (\S+)", result.stdout)
+    assert difference and float(difference[1]) < 1e-5, result.stdout
+
+
+def test_onnx_export_without_a_file_name_uses_the_originals(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    result = run_script(*TINY, "--num-batches=1", "--save-onnx", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "dlrm_s_pytorch.onnx").stat().st_size > 0
+
+
+def test_plot_compute_graph_writes_graphviz_source(tmp_path: Path) -> None:
+    pytest.importorskip("torchviz")
+    result = run_script(*TINY, "--num-batches=1", "--plot-compute-graph", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    source = (tmp_path / "dlrm_s_pytorch_graph.dot").read_text()
+    assert source.startswith("digraph") and "EmbeddingBag" in source
+
+
+def test_plot_compute_graph_without_torchviz_says_so_in_one_line(tmp_path: Path) -> None:
+    hidden = tmp_path / "hide"
+    (hidden / "torchviz").mkdir(parents=True)
+    (hidden / "torchviz" / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    command = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *TINY, "--num-batches=1", "--plot-compute-graph"]
+    result = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(hidden)}
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--plot-compute-graph: torchviz is not installed" in result.stdout
+    assert not (tmp_path / "dlrm_s_pytorch_graph.dot").exists()
+
+
+def test_synthetic_trace_data_trains(tmp_path: Path) -> None:
+    template = tmp_path / "dist_emb_j.log"
+    for table in range(4):
+        accesses = [(7 * i + table) % 23 for i in range(300)]
+        trace_data.write_trace_distribution(trace_data.table_trace_file(str(template), table), accesses)
+    argv = [*TINY, "--num-batches=4", "--print-freq=2", "--data-generation=synthetic"]
+    result = run_script(*argv, "--data-trace-file", str(template), "--num-workers=2")
+    assert result.returncode == 0, result.stderr
+    assert [line["it"] for line in finished_lines(result.stdout)] == [2, 4]
+    missing = run_script(*argv, "--data-trace-file", str(tmp_path / "absent_j.log"))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert "--data-trace-file" in missing.stderr and "absent_0.log" in missing.stderr

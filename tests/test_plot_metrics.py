@@ -1,0 +1,102 @@
+"""bench/plot_metrics.py: a metrics file becomes a PNG; a bad input is one error line and exit status 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "plot_metrics.py"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_plot(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def metrics_line(phase: str, step: int, loss: float, accuracy: float, auc: float | None = None) -> str:
+    record = dict(phase=phase, epoch=0, iteration=step, step=step, loss=loss, accuracy=accuracy, auc=auc)
+    record.update(ms_per_it=1.5 if phase == "train" else None, samples_per_s=1000.0 if phase == "train" else None)
+    return json.dumps(record)
+
+
+def write_run(path: Path) -> Path:
+    lines = [metrics_line("train", step, 0.7 - step / 100, 0.5 + step / 100) for step in (2, 4, 6, 8)]
+    lines.insert(3, metrics_line("test", 6, 0.66, 0.55, auc=0.61))
+    lines.append(metrics_line("test", 8, 0.64, 0.57, auc=0.63))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("plot_metrics.py: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_writes_a_png_next_to_the_metrics(tmp_path):
+    pytest.importorskip("matplotlib")
+    metrics = write_run(tmp_path / "run.jsonl")
+    result = run_plot(str(metrics))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "run.png")
+    assert (tmp_path / "run.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_out_names_the_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "picture"  # still a PNG, whatever the suffix
+    result = run_plot(str(write_run(tmp_path / "run.jsonl")), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out) and out.read_bytes().startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.parametrize("content", [None, "", "\n\n"], ids=["missing", "empty", "blank"])
+def test_missing_or_empty_metrics_file(tmp_path, content):
+    metrics = tmp_path / "run.jsonl"
+    if content is not None:
+        metrics.write_text(content)
+    complaint = "cannot be read (No such file or directory)" if content is None else "has no metrics"
+    assert_one_error_line(run_plot(str(metrics)), str(metrics), complaint)
+
+
+@pytest.mark.parametrize(
+    "bad_line, complaint",
+    [
+        ('{"phase": "train", "step": 1, "loss": 0.5,', "not JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"phase": "valid", "step": 1, "loss": 0.5, "accuracy": 0.5}', "phase must be 'train' or 'test'"),
+        ('{"phase": "train", "step": 1.5, "loss": 0.5, "accuracy": 0.5}', "step must be an integer"),
+        ('{"phase": "train", "step": 1, "accuracy": 0.5}', "loss must be a number, got None"),
+        ('{"phase": "train", "step": 1, "loss": 0.5, "accuracy": "high"}', "accuracy must be a number"),
+        ('{"phase": "test", "step": 1, "loss": 0.5, "accuracy": 0.5, "auc": true}', "auc must be a number or null"),
+    ],
+)
+def test_bad_line_is_named_by_its_number(tmp_path, bad_line, complaint):
+    metrics = tmp_path / "run.jsonl"
+    metrics.write_text(metrics_line("train", 1, 0.7, 0.5) + "\n" + bad_line + "\n")
+    assert_one_error_line(run_plot(str(metrics)), f"{metrics}: line 2: {complaint}")
+    assert not (tmp_path / "run.png").exists()
+
+
+def test_bad_command_line_is_one_line():
+    assert_one_error_line(run_plot(), "the following arguments are required: metrics")
+
+
+def test_without_matplotlib(tmp_path):
+    hidden = tmp_path / "no_matplotlib" / "matplotlib"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('matplotlib is hidden by this test')\n")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(hidden.parent)}
+    result = run_plot(str(write_run(tmp_path / "run.jsonl")), env=env)
+    assert_one_error_line(result, "matplotlib is not installed")
+
+
+def test_unwritable_out_is_one_line(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "absent" / "run.png"
+    result = run_plot(str(write_run(tmp_path / "run.jsonl")), "--out", str(out))
+    assert_one_error_line(result, f"{out}: cannot be written (No such file or directory)")
