@@ -16,9 +16,12 @@ had not finished. ``criteo_datasets`` then serves whole batches: item ``i`` is b
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import itertools
 import math
 import multiprocessing
+import multiprocessing.pool
 import os
 import re
 import struct
@@ -40,6 +43,7 @@ SPARSE_FEATURES = 26
 FIELDS = 1 + DENSE_FEATURES + SPARSE_FEATURES
 FIELD_NAMES = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
 KAGGLE_DAYS = 7
+TERABYTE_DAYS = 24
 CHUNK_BYTES = 8 << 20  # raw text handed to a worker at a time
 BLOCK_ROWS = 1 << 18  # rows copied at a time between processed files
 PENDING_VALUES = 1 << 22  # a vocabulary numbers its pending values once it holds at least this many
@@ -89,8 +93,8 @@ class CriteoFiles:
         return Path(f"{prefix}_{day}_processed.npz")
 
     def day_progress_file(self, day: int) -> Path:
-        """Pass 1's saved state after a day: the values first seen that day (deleted when pass 1 is done)."""
-        return self.day_file(day).with_name(self.day_file(day).name.replace("_processed.npz", "_new_values.npz"))
+        """Pass 1's state after a day: the values first seen that day (removed once pass 1 is done)."""
+        return Path(str(self.day_file(day)).replace("_processed.npz", "_new_values.npz"))
 
     @property
     def counts_file(self) -> Path:
@@ -126,7 +130,7 @@ class CriteoFiles:
 
 @dataclass(frozen=True)
 class Processed:
-    """What ``prepare`` made: the datasets read one of the concatenated file, the day files or the bin files."""
+    """What ``prepare`` made: the datasets read the concatenated file, the day files, or the bin files."""
 
     counts: list[int]  # distinct values of each categorical feature (before --max-ind-range caps them)
     rows_per_day: list[int]
@@ -161,22 +165,21 @@ def _prepare_concatenated(args: argparse.Namespace, files: CriteoFiles) -> Proce
         days = _prepare_days(args, files, mappable=False)
         _status(f"Writing {files.processed}")
         _concatenate(days.day_files, days.rows_per_day, days.counts, files.processed)
-    shapes = _check_arrays(files.processed, _concatenated_shapes)
-    total = shapes["y"][0]
+    total = _check_concatenated(files.processed)
     with np.load(files.processed) as data:
-        counts = [int(c) for c in data["counts"]]
+        counts = [int(count) for count in data["counts"]]
     return Processed(counts, _rows_per_day(files, total), concatenated=files.processed)
 
 
 def _rows_per_day(files: CriteoFiles, total: int) -> list[int]:
-    """Rows of each day in the concatenated file: the day count file beside the raw data, else the Kaggle split."""
+    """Rows of each day in the concatenated file: the day count file beside the raw data, else an even split."""
     if files.raw is not None and files.day_count_file.exists():
         rows_per_day = _load_day_counts(files)
         if sum(rows_per_day) != total:
             raise DataError(f"{files.day_count_file}: counts {sum(rows_per_day)} rows, {files.processed} holds {total}")
         return rows_per_day
-    days = KAGGLE_DAYS if files.data_set == "kaggle" else 24
-    _status(f"No day counts beside the raw data: splitting {files.processed}'s {total} rows evenly into {days} days")
+    days = KAGGLE_DAYS if files.data_set == "kaggle" else TERABYTE_DAYS
+    _status(f"No day counts beside the raw data: {files.processed}'s {total} rows are split evenly into {days} days")
     return _even_split(total, days)
 
 
@@ -191,13 +194,11 @@ def _prepare_days(args: argparse.Namespace, files: CriteoFiles, mappable: bool) 
         _preprocess(args, files)
     rows_per_day = _load_day_counts(files)
     day_files = [files.day_file(day) for day in range(len(rows_per_day))]
-    for path, rows in zip(day_files, rows_per_day):
-        _check_arrays(path, partial(_day_shapes, rows=rows))
+    for path, rows in zip(day_files, rows_per_day, strict=True):
+        _check_day(path, rows)
         if mappable:
             _store_uncompressed(path)
-    with np.load(files.counts_file) as data:
-        counts = [int(c) for c in data["counts"]]
-    return Processed(counts, rows_per_day, day_files=day_files)
+    return Processed(_load_counts(files), rows_per_day, day_files=day_files)
 
 
 def _days_complete(files: CriteoFiles) -> bool:
@@ -207,25 +208,30 @@ def _days_complete(files: CriteoFiles) -> bool:
 
 
 def _load_day_counts(files: CriteoFiles) -> list[int]:
-    _check_arrays(files.day_count_file, lambda shapes: {"total_per_file": shapes.get("total_per_file")})
+    _check_arrays(files.day_count_file, {"total_per_file": (None,)})
     with np.load(files.day_count_file) as data:
         return [int(rows) for rows in data["total_per_file"]]
+
+
+def _load_counts(files: CriteoFiles) -> list[int]:
+    _check_arrays(files.counts_file, {"counts": (SPARSE_FEATURES,)})
+    with np.load(files.counts_file) as data:
+        return [int(count) for count in data["counts"]]
 
 
 def _prepare_bins(args: argparse.Namespace, files: CriteoFiles) -> Processed:
     bins = {split: files.bin_file(split) for split in ("train", "test", "val")}
     if not all(path.exists() for path in bins.values()):
         days = _prepare_days(args, files, mappable=True)
-        # Rows in the order --data-randomize gives from a freshly seeded generator, as the datasets draw it.
-        orders = _split_orders(days.rows_per_day, args.data_randomize, np.random.RandomState(args.numpy_rand_seed))
+        # Rows in the order --data-randomize gives from a freshly seeded generator, as the datasets would draw it.
+        permutation = np.random.RandomState(args.numpy_rand_seed).permutation
+        orders = _split_orders(days.rows_per_day, args.data_randomize, permutation)
         rows = DayRows(days.day_files, days.rows_per_day)
-        for (split, path), order in zip(bins.items(), orders):
+        for path, order in zip(bins.values(), orders, strict=True):
             if not path.exists():
                 _status(f"Writing {path}")
                 _write_bin(path, rows, order)
-    with np.load(files.counts_file) as data:
-        counts = [int(c) for c in data["counts"]]
-    return Processed(counts, _load_day_counts(files), bin_files=bins)
+    return Processed(_load_counts(files), _load_day_counts(files), bin_files=bins)
 
 
 def _write_bin(path: Path, rows: DayRows, order: np.ndarray | range) -> None:
@@ -237,7 +243,7 @@ def _write_bin(path: Path, rows: DayRows, order: np.ndarray | range) -> None:
 
 
 def _status(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(message, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,6 +265,8 @@ class Chunk:
 
 @dataclass(frozen=True)
 class ParseOptions:
+    """The flags that decide which lines become rows, and the values they hold."""
+
     max_ind_range: int
     sub_sample_rate: float
     seed: int
@@ -267,38 +275,44 @@ class ParseOptions:
 
 @dataclass
 class BadLines:
-    """Lines skipped under --skip-bad-lines, per day, and the first one's problem."""
+    """Lines skipped under --skip-bad-lines: how many in each day, and the first one's problem."""
 
     per_day: dict[int, int] = field(default_factory=dict)
     first: str = ""
 
-    def add(self, day: int, count: int, problem: str) -> None:
-        self.per_day[day] = self.per_day.get(day, 0) + count
+    def record(self, day: int, count: int, problem: str) -> None:
+        """A day's count; both passes see the same lines, so a second record of a day replaces the first."""
+        self.per_day[day] = count
         if count and not self.first:
             self.first = problem
 
     def report(self, raw: Path) -> None:
         total = sum(self.per_day.values())
         if total:
-            print(f"Skipped {total} bad lines of {raw} (first: {self.first})", flush=True)
+            print(f"--skip-bad-lines: skipped {total} bad line(s) of {raw} (first: {self.first})", flush=True)
 
 
 def _preprocess(args: argparse.Namespace, files: CriteoFiles) -> None:
     options = ParseOptions(args.max_ind_range, args.data_sub_sample_rate, args.numpy_rand_seed, args.skip_bad_lines)
     days = _day_chunks(files)
     bad_lines = BadLines()
-    workers = len(os.sched_getaffinity(0))
-    if not all(path.exists() for path in _vocabulary_files(files, len(days))):
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not all(path.exists() for path in _vocabulary_files(files)):
         _learn_vocabularies(files, days, options, workers, bad_lines)
     rows_per_day = _load_day_counts(files)
-    missing = [day for day in range(len(days)) if not files.day_file(day).exists()]
+    if len(rows_per_day) != len(days):
+        raise DataError(
+            f"{files.day_count_file}: counts {len(rows_per_day)} days, the raw data has {len(days)}: "
+            "the raw data changed since; delete the processed files to start over"
+        )
+    missing = {day: chunks for day, chunks in enumerate(days) if not files.day_file(day).exists()}
     if missing:
         lookups = [IdLookup(_load_dictionary(files, j)) for j in range(SPARSE_FEATURES)]
-        _write_days(files, [days[day] for day in missing], rows_per_day, lookups, options, workers, bad_lines)
+        _write_days(files, missing, rows_per_day, lookups, options, workers, bad_lines)
     bad_lines.report(files.require_raw("the raw data"))
 
 
-def _vocabulary_files(files: CriteoFiles, days: int) -> list[Path]:
+def _vocabulary_files(files: CriteoFiles) -> list[Path]:
     dictionaries = [files.dictionary_file(j) for j in range(SPARSE_FEATURES)]
     return [files.day_count_file, *dictionaries, files.counts_file]
 
@@ -314,10 +328,9 @@ def _day_chunks(files: CriteoFiles) -> list[list[Chunk]]:
         raise DataError(f"{raw_days[0]}: no lines")
     day_starts = np.cumsum([0] + _even_split(total, KAGGLE_DAYS))
     days: list[list[Chunk]] = [[] for _ in range(KAGGLE_DAYS)]
-    for chunk in chunks:
-        for piece in _cut_at_lines(chunk, day_starts[1:-1]):
-            day = int(np.searchsorted(day_starts, piece.first_line - 1, side="right")) - 1
-            days[day].append(Chunk(piece.path, piece.start, piece.stop, piece.first_line, piece.lines, day))
+    for piece in (piece for chunk in chunks for piece in _cut_at_lines(chunk, day_starts[1:-1])):
+        day = int(np.searchsorted(day_starts, piece.first_line - 1, side="right")) - 1
+        days[day].append(dataclasses.replace(piece, day=day))
     return days
 
 
@@ -334,40 +347,66 @@ def _file_chunks(path: Path, day: int) -> list[Chunk]:
 
 
 def _cut_at_lines(chunk: Chunk, cuts: Iterable[int]) -> list[Chunk]:
-    """The chunk cut before each of the given line indices (counted from 0 in the file) that falls inside it."""
-    inside = [cut for cut in cuts if chunk.first_line - 1 < cut < chunk.first_line - 1 + chunk.lines]
+    """The chunk cut before each of the given lines (counted from 0 in the file) that falls inside it."""
+    first, end = chunk.first_line - 1, chunk.first_line - 1 + chunk.lines
+    inside = [int(cut) for cut in cuts if first < cut < end]
     if not inside:
         return [chunk]
     with open(chunk.path, "rb") as f:
         f.seek(chunk.start)
         line_ends = np.flatnonzero(np.frombuffer(f.read(chunk.stop - chunk.start), np.uint8) == ord("\n"))
-    pieces, start, first = [], chunk.start, chunk.first_line
+    pieces, start = [], chunk.start
     for cut in inside:
         stop = chunk.start + int(line_ends[cut - chunk.first_line]) + 1
-        pieces.append(Chunk(chunk.path, start, stop, first, cut + 1 - first, chunk.day))
-        start, first = stop, cut + 1
-    pieces.append(Chunk(chunk.path, start, chunk.stop, first, chunk.first_line + chunk.lines - first, chunk.day))
+        pieces.append(Chunk(chunk.path, start, stop, first + 1, cut - first, chunk.day))
+        start, first = stop, cut
+    pieces.append(Chunk(chunk.path, start, chunk.stop, first + 1, end - first, chunk.day))
     return pieces
 
 
 class Progress:
-    """One line on stderr, rewritten in place: lines done and the rate."""
+    """Lines done and the rate on stderr: one line rewritten in place on a terminal; elsewhere (a log, a pipe) a
+    line every LOG_SECONDS and one at the end."""
+
+    LOG_SECONDS = 30
 
     def __init__(self, label: str, total: int) -> None:
-        self.label, self.total, self.done, self.began = label, total, 0, time.perf_counter()
+        self.label, self.total, self.done = label, total, 0
+        self.began = self.shown = time.perf_counter()
+        self.terminal = sys.stderr.isatty()
 
     def add(self, lines: int) -> None:
         self.done += lines
-        rate = self.done / max(time.perf_counter() - self.began, 1e-9)
-        print(f"\r{self.label}: {self.done:,}/{self.total:,} lines, {rate:,.0f} lines/s", end="", file=sys.stderr)
+        if self.terminal or time.perf_counter() - self.shown >= self.LOG_SECONDS:
+            self._show()
 
     def close(self) -> None:
-        print(file=sys.stderr, flush=True)
+        self._show()
+        if self.terminal:
+            print(file=sys.stderr, flush=True)
+
+    def _show(self) -> None:
+        self.shown = time.perf_counter()
+        rate = self.done / max(self.shown - self.began, 1e-9)
+        line = f"{self.label}: {self.done:,}/{self.total:,} lines, {rate:,.0f} lines/s"
+        print(f"\r{line}" if self.terminal else line, end="" if self.terminal else "\n", file=sys.stderr, flush=True)
 
 
-def _worker_pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()) -> multiprocessing.Pool:
+def _worker_pool(workers: int, initializer: Callable | None = None, args: tuple = ()) -> multiprocessing.pool.Pool:
     # fork: the workers share the vocabularies with this process instead of receiving copies
-    return multiprocessing.get_context("fork").Pool(workers, initializer, initargs)
+    return multiprocessing.get_context("fork").Pool(workers, initializer, args)
+
+
+def _in_order(pool: multiprocessing.pool.Pool, function: Callable, tasks: list, ahead: int) -> Iterator:
+    """``function(task)`` for each task, in order; the pool runs at most ``ahead`` tasks ahead of the caller, so
+    that results never pile up in memory (``Pool.imap`` would run through all of them)."""
+    running: collections.deque = collections.deque()
+    for task in tasks:
+        running.append(pool.apply_async(function, (task,)))
+        if len(running) > ahead:
+            yield running.popleft().get()
+    while running:
+        yield running.popleft().get()
 
 
 # Pass 1: vocabularies ------------------------------------------------------------------------------------
@@ -378,9 +417,13 @@ class Vocabulary:
 
     def __init__(self) -> None:
         self.sorted_values = np.empty(0, np.uint32)  # every numbered value, for membership tests
-        self.numbered: list[np.ndarray] = []  # the values, in id order, one array per batch of new ones
+        self.numbered: list[np.ndarray] = []  # the numbered values in id order, one array per numbering
         self.pending: list[np.ndarray] = []  # values seen since the last numbering, each in order of appearance
         self.pending_size = 0
+
+    def __len__(self) -> int:
+        """Values numbered so far."""
+        return self.sorted_values.size
 
     def add(self, values: np.ndarray) -> None:
         """Values in order of first appearance, all seen after everything added before."""
@@ -389,14 +432,16 @@ class Vocabulary:
         if self.pending_size >= max(self.sorted_values.size, PENDING_VALUES):
             self.number_pending()
 
-    def number_pending(self) -> np.ndarray:
-        """Give the pending values not seen before the next ids; return them in id order."""
-        seen = np.concatenate([np.empty(0, np.uint32), *self.pending])
-        values = _first_appearances(seen)
-        new = values[~_contains(self.sorted_values, values)]
-        self.extend(new)
+    def number_pending(self) -> None:
+        """Give the pending values not seen before the next ids."""
+        values = _first_appearances(np.concatenate([np.empty(0, np.uint32), *self.pending]))
+        self.extend(values[~_contains(self.sorted_values, values)])
         self.pending, self.pending_size = [], 0
-        return new
+
+    def values_since(self, size: int) -> np.ndarray:
+        """Number the pending values; return those numbered since the vocabulary had ``size`` values, in id order."""
+        self.number_pending()
+        return self.values_by_id()[size:]
 
     def extend(self, new: np.ndarray) -> None:
         """Number values known to be new, in order."""
@@ -415,8 +460,10 @@ def _first_appearances(values: np.ndarray) -> np.ndarray:
 
 
 def _contains(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
-    at = np.minimum(np.searchsorted(sorted_values, values), max(sorted_values.size - 1, 0))
-    return sorted_values[at] == values if sorted_values.size else np.zeros(values.shape, bool)
+    if not sorted_values.size:
+        return np.zeros(values.shape, bool)
+    at = np.minimum(np.searchsorted(sorted_values, values), sorted_values.size - 1)
+    return sorted_values[at] == values
 
 
 @dataclass
@@ -448,54 +495,43 @@ def _learn_vocabularies(
     chunks = [chunk for day_chunks in days[resume_at:] for chunk in day_chunks]
     progress = Progress("Pass 1/2, vocabularies", sum(chunk.lines for chunk in chunks))
     with _worker_pool(workers) as pool:
-        results = zip(chunks, pool.imap(partial(_chunk_vocabulary, options), chunks))
-        by_day = {day: [] for day in range(resume_at, len(days))}
-        for day, group in itertools.groupby(results, key=lambda pair: pair[0].day):
-            by_day[day] = list(_add_chunks(group, vocabularies, progress, bad_lines, day))
-            _save_day_progress(files.day_progress_file(day), vocabularies, sum(by_day[day]), bad_lines, day)
+        results = _in_order(pool, partial(_chunk_vocabulary, options), chunks, ahead=2 * workers)
         for day in range(resume_at, len(days)):
-            if not by_day[day]:  # a day without lines
-                _save_day_progress(files.day_progress_file(day), vocabularies, 0, bad_lines, day)
-            rows_per_day.append(sum(by_day[day]))
+            rows, bad, problem = 0, 0, ""
+            sizes = [len(vocabulary) for vocabulary in vocabularies]
+            for result in itertools.islice(results, len(days[day])):
+                for vocabulary, values in zip(vocabularies, result.values, strict=True):
+                    vocabulary.add(values)
+                rows, bad, problem = rows + result.rows, bad + result.bad_lines, problem or result.problem
+                progress.add(result.lines)
+            new_values = [vocabulary.values_since(size) for vocabulary, size in zip(vocabularies, sizes, strict=True)]
+            _save_day_progress(files.day_progress_file(day), new_values, rows, bad, problem)
+            bad_lines.record(day, bad, problem)
+            rows_per_day.append(rows)
     progress.close()
     _save_vocabularies(files, vocabularies, rows_per_day)
 
 
-def _add_chunks(
-    group: Iterable[tuple[Chunk, ChunkVocabulary]],
-    vocabularies: list[Vocabulary],
-    progress: Progress,
-    bad_lines: BadLines,
-    day: int,
-) -> Iterator[int]:
-    for _, result in group:
-        for vocabulary, values in zip(vocabularies, result.values):
-            vocabulary.add(values)
-        bad_lines.add(day, result.bad_lines, result.problem)
-        progress.add(result.lines)
-        yield result.rows
+def _save_day_progress(path: Path, new_values: list[np.ndarray], rows: int, bad: int, problem: str) -> None:
+    features = {f"C{j + 1}": values for j, values in enumerate(new_values)}
+    counts = {"rows": np.array(rows), "bad_lines": np.array(bad), "problem": np.array(problem)}
+    _write_npz(path, {**features, **counts})
 
 
-def _save_day_progress(path: Path, vocabularies: list[Vocabulary], rows: int, bad: BadLines, day: int) -> None:
-    new_values = {f"C{j + 1}": v.number_pending() for j, v in enumerate(vocabularies)}
-    problem = np.array(bad.first if bad.per_day.get(day) else "")
-    _write_npz(path, {**new_values, "rows": np.array(rows), "bad_lines": np.array(bad.per_day.get(day, 0)), "problem": problem})
-
-
-def _load_day_progress(path: Path, vocabularies: list[Vocabulary], day: int, bad: BadLines) -> int:
+def _load_day_progress(path: Path, vocabularies: list[Vocabulary], day: int, bad_lines: BadLines) -> int:
     with np.load(path) as data:
         for j, vocabulary in enumerate(vocabularies):
             vocabulary.extend(data[f"C{j + 1}"])
-        bad.add(day, int(data["bad_lines"]), str(data["problem"]))
+        bad_lines.record(day, int(data["bad_lines"]), str(data["problem"]))
         return int(data["rows"])
 
 
 def _save_vocabularies(files: CriteoFiles, vocabularies: list[Vocabulary], rows_per_day: list[int]) -> None:
-    """The original's dictionary files (values as int32, which is what it stored), day counts, then counts last."""
+    """The original's dictionary files (values as the int32 it stored), the day counts, and the counts last."""
     _write_npz(files.day_count_file, {"total_per_file": np.array(rows_per_day, np.int64)})
     for j, vocabulary in enumerate(vocabularies):
         _write_npz(files.dictionary_file(j), {"unique": vocabulary.values_by_id().view(np.int32)})
-    counts = np.array([v.sorted_values.size for v in vocabularies], np.int32)
+    counts = np.array([len(vocabulary) for vocabulary in vocabularies], np.int32)
     _write_npz(files.counts_file, {"counts": counts})
     for day in range(len(rows_per_day)):
         files.day_progress_file(day).unlink(missing_ok=True)
@@ -503,9 +539,9 @@ def _save_vocabularies(files: CriteoFiles, vocabularies: list[Vocabulary], rows_
 
 def _load_dictionary(files: CriteoFiles, feature: int) -> np.ndarray:
     path = files.dictionary_file(feature)
-    _check_arrays(path, lambda shapes: {"unique": shapes.get("unique") if len(shapes.get("unique", ())) == 1 else None})
+    _check_arrays(path, {"unique": (None,)})
     with np.load(path) as data:
-        return data["unique"].astype(np.int64).astype(np.uint32)  # int32 wraps back to the 32-bit hash
+        return data["unique"].astype(np.uint32)  # int32 wraps back to the 32-bit hash
 
 
 # Pass 2: ids ---------------------------------------------------------------------------------------------
@@ -539,7 +575,7 @@ def _set_worker_lookups(lookups: list[IdLookup]) -> None:
 
 @dataclass
 class ChunkRows:
-    """Pass 2's result for a chunk: its rows with ids, or the first feature with a value missing from its vocabulary."""
+    """Pass 2's result for a chunk: its rows with ids (or the first feature with a value missing from its ids)."""
 
     labels: np.ndarray
     dense: np.ndarray
@@ -563,53 +599,51 @@ def _chunk_rows(options: ParseOptions, chunk: Chunk) -> ChunkRows:
 
 def _write_days(
     files: CriteoFiles,
-    days: list[list[Chunk]],
+    days: dict[int, list[Chunk]],
     rows_per_day: list[int],
     lookups: list[IdLookup],
     options: ParseOptions,
     workers: int,
     bad_lines: BadLines,
 ) -> None:
-    """Pass 2: map each missing day's values to ids and write its processed file."""
-    chunks = [chunk for day_chunks in days for chunk in day_chunks]
+    """Pass 2: map the given days' values to ids and write their processed files."""
+    chunks = [chunk for day_chunks in days.values() for chunk in day_chunks]
     progress = Progress("Pass 2/2, ids", sum(chunk.lines for chunk in chunks))
-    written = set()
     with _worker_pool(workers, _set_worker_lookups, (lookups,)) as pool:
-        results = zip(chunks, pool.imap(partial(_chunk_rows, options), chunks))
-        for day, group in itertools.groupby(results, key=lambda pair: pair[0].day):
+        results = _in_order(pool, partial(_chunk_rows, options), chunks, ahead=2 * workers)
+        for day, day_chunks in days.items():
+            bad, problem = 0, ""
             with DayWriter(files.day_file(day), rows_per_day[day], files.day_count_file) as writer:
-                for chunk, result in group:
+                for chunk in day_chunks:
+                    result = next(results)
                     if result.unknown_feature is not None:
                         raise DataError(
                             f"{chunk.path}: a C{result.unknown_feature + 1} value is not in "
-                            f"{files.dictionary_file(result.unknown_feature)}; the dictionaries were made from other "
-                            "data or flags (--max-ind-range, --data-sub-sample-rate): delete them to start over"
+                            f"{files.dictionary_file(result.unknown_feature)}: the dictionaries were made from other "
+                            "data or flags (--max-ind-range, --data-sub-sample-rate); delete them to start over"
                         )
                     writer.append(result)
-                    bad_lines.add(day, result.bad_lines, result.problem)
+                    bad, problem = bad + result.bad_lines, problem or result.problem
                     progress.add(result.lines)
-            written.add(day)
-    for day_chunks in days:  # days without lines
-        if day_chunks and day_chunks[0].day not in written or not day_chunks:
-            pass
+            bad_lines.record(day, bad, problem)
     progress.close()
 
 
 class DayWriter:
     """A day's processed file, written as its rows arrive: arrays in temporary files, then one npz, atomically."""
 
-    ARRAYS = {"X_int": DENSE_FEATURES, "X_cat": SPARSE_FEATURES, "y": 0}
+    WIDTHS = {"X_int": DENSE_FEATURES, "X_cat": SPARSE_FEATURES, "y": None}
 
     def __init__(self, path: Path, rows: int, day_count_file: Path) -> None:
         self.path, self.expected_rows, self.day_count_file, self.rows = path, rows, day_count_file, 0
 
     def __enter__(self) -> DayWriter:
         self.directory = tempfile.TemporaryDirectory(dir=self.path.parent, prefix=f".{self.path.name}.")
-        self.parts = {name: open(Path(self.directory.name) / name, "wb") for name in self.ARRAYS}
+        self.parts = {name: open(Path(self.directory.name) / name, "wb") for name in self.WIDTHS}
         return self
 
     def append(self, rows: ChunkRows) -> None:
-        for name, values in zip(self.ARRAYS, (rows.dense, rows.ids, rows.labels)):
+        for name, values in (("X_int", rows.dense), ("X_cat", rows.ids), ("y", rows.labels)):
             self.parts[name].write(values.astype(np.int32).tobytes())
         self.rows += len(rows.labels)
 
@@ -625,12 +659,12 @@ class DayWriter:
     def _finish(self) -> None:
         if self.rows != self.expected_rows:
             raise DataError(
-                f"{self.path}: the raw data gives {self.rows} rows, {self.day_count_file} says {self.expected_rows}; "
-                "the raw data changed since: delete the processed files to start over"
+                f"{self.path}: the raw data gives {self.rows} rows, {self.day_count_file} says {self.expected_rows}: "
+                "the raw data changed since; delete the processed files to start over"
             )
         members = {}
-        for name, width in self.ARRAYS.items():
-            shape = (self.rows, width) if width else (self.rows,)
+        for name, width in self.WIDTHS.items():
+            shape = (self.rows,) if width is None else (self.rows, width)
             members[name] = (shape, np.dtype(np.int32), _file_blocks(Path(self.directory.name) / name))
         _write_npz(self.path, members)
 
@@ -671,8 +705,8 @@ _INT32 = np.iinfo(np.int32)
 def parse_lines(text: bytes) -> tuple[Rows, np.ndarray]:
     """Parse lines (each ending with a newline): the well-formed rows, and the indices of the malformed lines.
 
-    Fields: the label is 0 or 1, integers fit in int32 (``-?digits``), categorical values are up to 8 hex digits;
-    an empty field is 0. Vectorized over the whole text; ``describe_problem`` says what is wrong with a line.
+    The label is 0 or 1, integers fit in int32 (``-?digits``), categorical values have at most 8 hex digits, an
+    empty field is 0. Vectorized over the whole text; ``describe_problem`` says what is wrong with a line.
     """
     buffer = np.frombuffer(text, np.uint8)
     is_line_end = buffer == _NEWLINE
@@ -683,8 +717,9 @@ def parse_lines(text: bytes) -> tuple[Rows, np.ndarray]:
     in_whole_line = whole[line_of_field]
     starts = np.concatenate(([0], field_ends[:-1] + 1))[in_whole_line].reshape(-1, FIELDS)
     lengths = field_ends[in_whole_line].reshape(-1, FIELDS) - starts
-    integers, integers_ok = _integer_fields(buffer, starts[:, : 1 + DENSE_FEATURES], lengths[:, : 1 + DENSE_FEATURES])
-    hashes, hashes_ok = _digits(buffer, starts[:, 1 + DENSE_FEATURES :], lengths[:, 1 + DENSE_FEATURES :], _HEX_DIGIT, 16, 8)
+    numeric = 1 + DENSE_FEATURES
+    integers, integers_ok = _integer_fields(buffer, starts[:, :numeric], lengths[:, :numeric])
+    hashes, hashes_ok = _digits(buffer, starts[:, numeric:], lengths[:, numeric:], _HEX_DIGIT, 16, 8)
     labels, dense = integers[:, 0], integers[:, 1:]
     good = (
         integers_ok.all(axis=1)
@@ -694,8 +729,7 @@ def parse_lines(text: bytes) -> tuple[Rows, np.ndarray]:
     )
     lines = np.flatnonzero(whole)
     rows = Rows(labels.astype(np.int32), np.maximum(dense, 0).astype(np.int32), hashes.astype(np.uint32), lines)
-    bad = np.union1d(np.flatnonzero(~whole), lines[~good])
-    return rows.select(good), bad
+    return rows.select(good), np.union1d(np.flatnonzero(~whole), lines[~good])
 
 
 def _integer_fields(buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -707,7 +741,7 @@ def _integer_fields(buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray)
 def _digits(
     buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray, digit_value: np.ndarray, base: int, most: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The numbers written in the fields (at most ``most`` digits), and whether each field is valid."""
+    """The numbers written in the fields (at most ``most`` digits each), and whether each field is valid."""
     values = np.zeros(starts.shape, np.int64)
     valid = lengths <= most
     for k in range(most):
@@ -723,7 +757,7 @@ def describe_problem(line: bytes) -> str:
     fields = line.split(b"\t")
     if len(fields) != FIELDS:
         return f"expected {FIELDS} tab-separated fields (label, I1-I13, C1-C26), found {len(fields)}"
-    for name, text in zip(FIELD_NAMES, fields):
+    for name, text in zip(FIELD_NAMES, fields, strict=True):
         shown = repr(text.decode(errors="replace")[:24])
         if name.startswith("C"):
             if not _HEX_FIELD.fullmatch(text):
@@ -745,22 +779,16 @@ def _read_chunk(chunk: Chunk, options: ParseOptions) -> tuple[Rows, int, str]:
     rows, bad = parse_lines(text)
     problem = ""
     if bad.size:
-        problem = f"{chunk.path}:{chunk.first_line + int(bad[0])}: {describe_problem(_line(text, int(bad[0])))}"
+        line = text.split(b"\n")[bad[0]]
+        problem = f"{chunk.path}:{chunk.first_line + int(bad[0])}: {describe_problem(line)}"
         if not options.skip_bad_lines:
             raise DataError(problem)
     if options.sub_sample_rate > 0:
         draws = _uniform_per_line(options.seed, chunk.day, chunk.first_line + rows.lines)
         rows = rows.select((rows.labels != 0) | (draws >= options.sub_sample_rate))
     if options.max_ind_range > 0:
-        rows.categorical %= np.uint32(options.max_ind_range)
+        rows.categorical = (rows.categorical.astype(np.uint64) % np.uint64(options.max_ind_range)).astype(np.uint32)
     return rows, int(bad.size), problem
-
-
-def _line(text: bytes, index: int) -> bytes:
-    start = 0
-    for _ in range(index):
-        start = text.index(b"\n", start) + 1
-    return text[start : text.index(b"\n", start)]
 
 
 def _uniform_per_line(seed: int, day: int, lines: np.ndarray) -> np.ndarray:
@@ -793,15 +821,19 @@ class _atomic:
             self.temp.unlink(missing_ok=True)
 
 
-Member = tuple[tuple[int, ...], np.dtype, Iterable[np.ndarray | bytes]] | np.ndarray
+Member = np.ndarray | tuple[tuple[int, ...], np.dtype, Iterable[np.ndarray | bytes]]
 
 
 def _write_npz(path: Path, members: dict[str, Member]) -> None:
-    """An uncompressed npz (so it can be memory-mapped), each array written block by block."""
+    """An uncompressed npz (so that it can be memory-mapped), each array given whole or as (shape, dtype, blocks)."""
     with _atomic(path) as temp, zipfile.ZipFile(temp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for name, member in members.items():
             shape, dtype, blocks = (member.shape, member.dtype, [member]) if isinstance(member, np.ndarray) else member
-            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+            header = {
+                "descr": np.lib.format.dtype_to_descr(dtype),
+                "fortran_order": False,
+                "shape": tuple(int(length) for length in shape),
+            }
             with archive.open(f"{name}.npy", "w", force_zip64=True) as out:
                 np.lib.format.write_array_header_1_0(out, header)
                 for block in blocks:
@@ -833,40 +865,44 @@ def _array_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise DataError(f"{path}: not a readable npz file ({error})") from None
 
 
-def _check_arrays(path: Path, expected: Callable[[dict], dict]) -> dict[str, tuple[int, ...]]:
-    """Check the file holds the expected arrays: ``expected(shapes)`` gives each name's expected shape."""
+def _check_arrays(path: Path, expected: dict[str, tuple[int | None, ...]]) -> dict[str, tuple[int, ...]]:
+    """Check the file holds the expected arrays (None in a shape: any length); return every array's shape."""
     if not path.exists():
         raise DataError(f"{path}: no such file")
     shapes = _array_shapes(path)
-    for name, shape in expected(shapes).items():
+    for name, shape in expected.items():
         if name not in shapes:
-            raise DataError(f"{path}: no array {name}")
-        if shape is None or tuple(shapes[name]) != tuple(shape):
-            raise DataError(f"{path}: array {name} has shape {shapes[name]}, expected {shape or 'another shape'}")
+            raise DataError(f"{path}: no array {name} (expected {', '.join(expected)})")
+        found = shapes[name]
+        if len(found) != len(shape) or any(want not in (None, got) for want, got in zip(shape, found, strict=False)):
+            wanted = str(tuple("n" if want is None else want for want in shape)).replace("'", "")
+            raise DataError(f"{path}: array {name} has shape {found}, expected {wanted}")
     return shapes
 
 
-def _concatenated_shapes(shapes: dict) -> dict:
-    rows = shapes["y"][0] if len(shapes.get("y", ())) == 1 else None
-    return {"y": (rows,), "X_int": (rows, DENSE_FEATURES), "X_cat": (rows, SPARSE_FEATURES), "counts": (SPARSE_FEATURES,)}
+def _check_concatenated(path: Path) -> int:
+    """Check a concatenated processed file (ours or the original's); return its number of rows."""
+    rows = _check_arrays(path, {"y": (None,)})["y"][0]
+    expected = {"X_int": (rows, DENSE_FEATURES), "X_cat": (rows, SPARSE_FEATURES), "counts": (SPARSE_FEATURES,)}
+    _check_arrays(path, expected)
+    return rows
 
 
-def _day_shapes(shapes: dict, rows: int) -> dict:
-    return {"y": (rows,), "X_int": (rows, DENSE_FEATURES), "X_cat": (rows, SPARSE_FEATURES)}
+def _check_day(path: Path, rows: int) -> None:
+    _check_arrays(path, {"y": (rows,), "X_int": (rows, DENSE_FEATURES), "X_cat": (rows, SPARSE_FEATURES)})
 
 
 def _member_blocks(path: Path, name: str, dtype: type) -> Iterator[np.ndarray]:
     """An array of an npz file (compressed or not), BLOCK_ROWS rows at a time, as ``dtype``."""
     with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as stream:
         shape, stored = _npy_header(stream, path, name)
-        row_shape = shape[1:]
-        row_bytes = stored.itemsize * math.prod(row_shape)
+        row_bytes = stored.itemsize * math.prod(shape[1:])
         for start in range(0, shape[0], BLOCK_ROWS):
             rows = min(BLOCK_ROWS, shape[0] - start)
             data = stream.read(rows * row_bytes)
             if len(data) != rows * row_bytes:
                 raise DataError(f"{path}: array {name} is truncated")
-            yield np.frombuffer(data, stored).reshape(rows, *row_shape).astype(dtype)
+            yield np.frombuffer(data, stored).reshape(rows, *shape[1:]).astype(dtype)
 
 
 def _concatenate(day_files: list[Path], rows_per_day: list[int], counts: list[int], path: Path) -> None:
@@ -877,17 +913,18 @@ def _concatenate(day_files: list[Path], rows_per_day: list[int], counts: list[in
         for day_file in day_files:
             yield from _member_blocks(day_file, name, np.int32)
 
+    int32 = np.dtype(np.int32)
     members = {
-        "X_int": ((total, DENSE_FEATURES), np.dtype(np.int32), blocks("X_int")),
-        "X_cat": ((total, SPARSE_FEATURES), np.dtype(np.int32), blocks("X_cat")),
-        "y": ((total,), np.dtype(np.int32), blocks("y")),
+        "X_int": ((total, DENSE_FEATURES), int32, blocks("X_int")),
+        "X_cat": ((total, SPARSE_FEATURES), int32, blocks("X_cat")),
+        "y": ((total,), int32, blocks("y")),
         "counts": np.array(counts, np.int32),
     }
     _write_npz(path, members)
 
 
 def _store_uncompressed(path: Path) -> None:
-    """Rewrite a compressed npz (as the original wrote them) uncompressed, so its arrays can be memory-mapped."""
+    """Rewrite a compressed npz (as the original wrote them) uncompressed, so that it can be memory-mapped."""
     with zipfile.ZipFile(path) as archive:
         if all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist()):
             return
@@ -905,7 +942,7 @@ def _map_array(path: Path, name: str) -> np.ndarray:
         info = archive.getinfo(f"{name}.npy")
     with open(path, "rb") as f:
         f.seek(info.header_offset)
-        name_length, extra_length = struct.unpack("<26xHH", f.read(30))
+        name_length, extra_length = struct.unpack("<26xHH", f.read(30))  # the zip local file header
         f.seek(info.header_offset + 30 + name_length + extra_length)
         shape, dtype = _npy_header(f, path, name)
         offset = f.tell()
@@ -919,11 +956,13 @@ def _map_array(path: Path, name: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def criteo_datasets(args: argparse.Namespace, processed: Processed) -> tuple[torch.utils.data.Dataset, ...]:
+def criteo_datasets(
+    args: argparse.Namespace, processed: Processed
+) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
     """(train, test) for the training script: batches of --mini-batch-size and --test-mini-batch-size rows."""
     train_batch = args.mini_batch_size
     test_batch = args.test_mini_batch_size if args.test_mini_batch_size > 0 else train_batch
-    counts = [min(c, args.max_ind_range) if args.max_ind_range > 0 else c for c in processed.counts]
+    counts = [min(count, args.max_ind_range) if args.max_ind_range > 0 else count for count in processed.counts]
     if processed.bin_files:
         shuffle_seed = args.numpy_rand_seed if args.mlperf_bin_shuffle else None
         train = BinBatches(processed.bin_files["train"], train_batch, counts, args.max_ind_range, shuffle_seed)
@@ -932,26 +971,26 @@ def criteo_datasets(args: argparse.Namespace, processed: Processed) -> tuple[tor
         rows = _load_concatenated(processed.concatenated)
     else:
         rows = DayRows(processed.day_files, processed.rows_per_day)
-    train_order, test_order, _ = _split_orders(processed.rows_per_day, args.data_randomize, np.random)
-    # The original built the split twice (for its train and its test set), drawing twice from the generator;
-    # draw again so that the model drawn next starts from the same state.
-    _split_orders(processed.rows_per_day, args.data_randomize, np.random)
+    train_order, test_order, _ = _split_orders(processed.rows_per_day, args.data_randomize, np.random.permutation)
+    # The original built the split twice (for its train and its test set), drawing twice from the global
+    # generator: draw again, so that the model drawn next starts from the same state as the original's.
+    _split_orders(processed.rows_per_day, args.data_randomize, np.random.permutation)
     train = CriteoBatches(rows, train_order, train_batch, counts, args.max_ind_range)
     return train, CriteoBatches(rows, test_order, test_batch, counts, args.max_ind_range)
 
 
 def _split_orders(
-    rows_per_day: list[int], randomize: str, generator: np.random.RandomState
+    rows_per_day: list[int], randomize: str, permutation: Callable[[int], np.ndarray]
 ) -> tuple[np.ndarray | range, range, range]:
-    """Row orders of (train, test, val): train = every day but the last, in the --data-randomize order;
-    the last day's first half (the larger) is test, its second half val."""
+    """Row orders of (train, test, val): train is every day but the last, in the --data-randomize order; the last
+    day's first half (the larger) is test, its second half val."""
     starts = np.concatenate(([0], np.cumsum(rows_per_day, dtype=np.int64)))
     train_rows, total = int(starts[-2]), int(starts[-1])
     if randomize == "day":
-        days = [start + generator.permutation(rows) for start, rows in zip(starts[:-2], rows_per_day[:-1])]
+        days = [start + permutation(rows) for start, rows in zip(starts[:-2], rows_per_day[:-1], strict=True)]
         train = np.concatenate([np.empty(0, np.int64), *days])
     elif randomize == "total":
-        train = generator.permutation(train_rows)
+        train = permutation(train_rows)
     else:
         train = range(train_rows)
     test_end = train_rows + math.ceil((total - train_rows) / 2)
@@ -961,10 +1000,9 @@ def _split_orders(
 def _load_concatenated(path: Path) -> ArrayRows:
     _status(f"Reading {path}")
     with np.load(path) as data:
-        dense, labels = data["X_int"], data["y"]
-        categorical = data["X_cat"]
-        if categorical.dtype != np.int32:  # the original stored ids as float64
-            categorical = categorical.astype(np.int32)
+        dense, categorical, labels = data["X_int"], data["X_cat"], data["y"]
+    if categorical.dtype != np.int32:  # the original stored ids as float64
+        categorical = categorical.astype(np.int32)
     return ArrayRows(dense, categorical, labels)
 
 
@@ -984,7 +1022,7 @@ class DayRows:
     def __init__(self, day_files: list[Path], rows_per_day: list[int]) -> None:
         self.day_files = day_files
         self.starts = np.concatenate(([0], np.cumsum(rows_per_day, dtype=np.int64)))
-        self._days: list[tuple[np.ndarray, ...]] | None = None
+        self._days: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     def __getstate__(self) -> dict:  # a process that receives it maps the files itself
         return {**self.__dict__, "_days": None}
@@ -993,9 +1031,10 @@ class DayRows:
         if self._days is None:
             self._days = [tuple(_map_array(path, name) for name in ("X_int", "X_cat", "y")) for path in self.day_files]
         day_of_row = np.searchsorted(self.starts, rows, side="right") - 1
-        dense = np.empty((rows.size, DENSE_FEATURES), self._days[0][0].dtype)
-        categorical = np.empty((rows.size, SPARSE_FEATURES), self._days[0][1].dtype)
-        labels = np.empty(rows.size, self._days[0][2].dtype)
+        first_dense, first_categorical, first_labels = self._days[0]
+        dense = np.empty((rows.size, DENSE_FEATURES), first_dense.dtype)
+        categorical = np.empty((rows.size, SPARSE_FEATURES), first_categorical.dtype)
+        labels = np.empty(rows.size, first_labels.dtype)
         for day in np.unique(day_of_row):
             here = day_of_row == day
             local = rows[here] - self.starts[day]
@@ -1022,7 +1061,12 @@ class CriteoBatches(torch.utils.data.Dataset):
     dense_features = DENSE_FEATURES
 
     def __init__(
-        self, rows: ArrayRows | DayRows, order: np.ndarray | range, batch_size: int, counts: list[int], max_ind_range: int
+        self,
+        rows: ArrayRows | DayRows,
+        order: np.ndarray | range,
+        batch_size: int,
+        counts: list[int],
+        max_ind_range: int,
     ) -> None:
         self.rows, self.order, self.batch_size = rows, order, batch_size
         self.counts, self.max_ind_range = counts, max_ind_range
@@ -1041,7 +1085,7 @@ class CriteoBatches(torch.utils.data.Dataset):
 class BinBatches(torch.utils.data.Dataset):
     """Batches of a .bin file of int32 records [label, I1..I13, C1..C26] (the original's --mlperf-bin-loader).
 
-    With a shuffle seed the full batches come in an order drawn from (seed, epoch), the partial one stays last.
+    With a shuffle seed the full batches come in an order drawn from (seed, epoch); the partial one stays last.
     """
 
     dense_features = DENSE_FEATURES
@@ -1068,10 +1112,11 @@ class BinBatches(torch.utils.data.Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} of {len(self)}")
         if self._records is None:
-            self._records = np.memmap(self.path, np.int32, "r", shape=(self.rows, FIELDS)) if self.rows else None
+            self._records = np.memmap(self.path, np.int32, "r", shape=(self.rows, FIELDS))
         start = self._batch_position(index) * self.batch_size
         records = self._records[start : start + self.batch_size]
-        return _batch(records[:, 1 : 1 + DENSE_FEATURES], records[:, 1 + DENSE_FEATURES :], records[:, 0], self.max_ind_range)
+        dense, categorical = records[:, 1 : 1 + DENSE_FEATURES], records[:, 1 + DENSE_FEATURES :]
+        return _batch(dense, categorical, records[:, 0], self.max_ind_range)
 
     def _batch_position(self, index: int) -> int:
         full_batches = self.rows // self.batch_size

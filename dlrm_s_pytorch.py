@@ -577,12 +577,16 @@ def make_datasets(
 
 
 def dataset_sizes(args: argparse.Namespace, tables: list[int], dense_features: int) -> Sizes:
-    if args.arch_mlp_bot[0] != dense_features:
-        raise UsageError(f"--arch-mlp-bot: the data has {dense_features} dense features, the first width must match")
-    if args.arch_embedding_size not in ([4, 3, 2], tables):  # the default, or what the data says
-        raise UsageError(f"--arch-embedding-size: the data's tables have {'-'.join(map(str, tables))} rows")
-    args.arch_embedding_size = list(tables)
-    return model_sizes(args)
+    """As in the original, the data decides the tables' rows and the bottom MLP's input width."""
+    decided = {"--arch-embedding-size": (args.arch_embedding_size, list(tables))}
+    decided["--arch-mlp-bot"] = (args.arch_mlp_bot, [dense_features, *args.arch_mlp_bot[1:]])
+    for flag, (given, from_data) in decided.items():
+        if given != from_data:
+            print(f"{flag} {'-'.join(map(str, from_data))}: from the data")
+    args.arch_embedding_size, args.arch_mlp_bot = decided["--arch-embedding-size"][1], decided["--arch-mlp-bot"][1]
+    sizes = model_sizes(args)
+    _check_memory(args, sizes)
+    return sizes
 
 
 class BatchOrder(torch.utils.data.Sampler):
@@ -870,7 +874,7 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
 
 
 @dataclass
-class TestResult:
+class Evaluation:
     loss: float
     accuracy: float
     auc: float
@@ -1254,7 +1258,7 @@ class Trainer:
         return False
 
     @torch.no_grad()
-    def evaluate(self) -> TestResult:
+    def evaluate(self) -> Evaluation:
         """Loss, accuracy and ROC AUC over the whole test split (a last partial batch is left out)."""
         batch_size = self.test_loader.collate_fn.batch_size
         losses, correct, scores, targets = [], 0.0, [], []
@@ -1281,7 +1285,7 @@ class Trainer:
             dist.all_reduce(totals)
         loss = float(totals[0]) / (world_size * len(losses))
         accuracy = float(totals[1]) / all_scores.size
-        return TestResult(loss, accuracy, roc_auc(all_scores, all_targets), all_scores, all_targets)
+        return Evaluation(loss, accuracy, roc_auc(all_scores, all_targets), all_scores, all_targets)
 
 
 # ---------------------------------------------------------------------------------------------------------

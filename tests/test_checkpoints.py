@@ -152,7 +152,8 @@ def write_bad_files(tmp_path: Path, good: Path) -> dict[str, tuple[Path, list[st
         "missing": (tmp_path / "absent.pt", [], "no such file"),
         "other rows": (good, ["--arch-embedding-size=40-7-201-25"], "'table 2 rows 0-199' has shape [200, 4], "
                                                                       "this model's is [201, 4]"),
-        "other layer": (good, ["--arch-mlp-bot=5-9-4"], "'bottom_mlp.0.weight' has shape [8, 5], this model's is [9, 5]"),
+        "other layer": (good, ["--arch-mlp-bot=5-9-4"], "'bottom_mlp.0.weight' has shape [8, 5], "
+                                                        "this model's is [9, 5]"),
         "other optimizer": (good, ["--optimizer=sgd"], "saved with --optimizer adagrad, this run uses sgd"),
     }  # fmt: skip
 

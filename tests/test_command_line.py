@@ -221,7 +221,8 @@ def test_bf16_runs_matrix_products_in_bf16_and_keeps_the_rest_fp32() -> None:
         module.register_forward_hook(record_output_dtype(name))
     backend = habana_dlrm_ops.Backend(lazy=False)
     ranks = Ranks(0, 1, 0, 1)
-    loader = dlrm_s_pytorch.make_loader(args, dlrm_s_pytorch.RandomDataset(args, sizes), sizes, backend, model.shards, ranks)
+    data = dlrm_s_pytorch.RandomDataset(args, sizes)
+    loader = dlrm_s_pytorch.make_loader(args, data, sizes, backend, model.shards, ranks)
     assert dlrm_s_pytorch.Trainer(args, model, backend, (loader, None), ranks).run() == 0
     assert seen == dict(bottom=torch.bfloat16, top=torch.bfloat16, table=torch.float32)
     assert {p.dtype for p in model.parameters()} == {torch.float32}

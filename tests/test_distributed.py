@@ -76,6 +76,17 @@ def test_two_ranks_equal_one_rank(name: str) -> None:
             torch.testing.assert_close(values, reference[key], atol=1e-5, rtol=0)
 
 
+def test_two_ranks_save_per_rank_checkpoints_and_resume_exactly(tmp_path: Path) -> None:
+    argv = [*TINY[:-1], *CASES["one-table-split-adagrad"], "--round-targets", "--print-all-ranks"]
+    whole = run_ranks([*argv, "--num-batches=8"])
+    first = run_ranks([*argv, "--num-batches=4", "--save-model", str(tmp_path / "m.pt")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "m.pt.rank1"]
+    resumed = run_ranks([*argv, "--num-batches=8", "--load-model", str(tmp_path / "m.pt")])
+    for rank in range(2):
+        assert whole[rank].returncode == first[rank].returncode == resumed[rank].returncode == 0, resumed[rank].stderr
+        assert finished_lines(resumed[rank].stdout) == finished_lines(whole[rank].stdout)[4:]
+
+
 def test_bf16_and_lazy_mode_run_distributed() -> None:
     argv = [*TINY, *CASES["tables-cat-adagrad"], "-d", "bf16", "--mode=lazy"]
     alone = run_script(*argv)

@@ -1,0 +1,118 @@
+"""Criteo data through the training script: preprocessing, training, testing (loss, accuracy, AUC), bad input."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, finished_lines, run_script
+from criteo_files import write_kaggle, write_terabyte, write_upstream_processed
+
+SMALL = ["--config", str(ROOT / "hb_configs" / "small.yaml"), "--data-generation=dataset"]
+TINY = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=13-8-4", "--arch-mlp-top=16-1", "--mini-batch-size=64"]
+TINY += ["--learning-rate=0.05", "--optimizer=adagrad", "--print-freq=10", "--data-generation=dataset"]
+TESTING = re.compile(
+    r"^Testing at - (\d+)/(\d+) of epoch (\d+), loss ([\d.]+), accuracy ([\d.]+) %, best ([\d.]+) %\n"
+    r"Testing AUC at - \1/\2 of epoch \3: ([\d.]+), best ([\d.]+)$",
+    re.M,
+)
+
+
+def printed_tests(stdout: str) -> list[dict]:
+    keys = ("it", "nbatches", "epoch", "loss", "accuracy", "best", "auc", "best_auc")
+    return [dict(zip(keys, map(float, match), strict=True)) for match in TESTING.findall(stdout)]
+
+
+def test_kaggle_raw_data_preprocesses_trains_and_reaches_auc_075(tmp_path: Path) -> None:
+    raw = write_kaggle(tmp_path, rows=7 * 4300)  # 6 training days hold the small configuration's 100 batches
+    metrics = tmp_path / "metrics.jsonl"
+    result = run_script(*SMALL, f"--raw-data-file={raw}", "--test-freq=50", "--metrics-file", str(metrics))
+    assert result.returncode == 0, result.stderr
+    assert "--arch-mlp-bot 13-128-64-16: from the data" in result.stdout
+    assert [line["it"] for line in finished_lines(result.stdout)] == [20, 40, 60, 80, 100]
+    tests = printed_tests(result.stdout)
+    assert [(t["it"], t["nbatches"]) for t in tests] == [(50, 100), (100, 100)]
+    assert tests[-1]["auc"] >= 0.75, tests
+    assert tests[-1]["best_auc"] == max(t["auc"] for t in tests)
+    # the test split is the first half of the last day: 2150 samples, 8 whole batches of 256
+    assert "test batch was partial. Number of samples: 102" in result.stdout
+    assert (tmp_path / "kaggleAdDisplayChallenge_processed.npz").exists()
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    test_records = [r for r in records if r["phase"] == "test"]
+    assert [round(r["auc"], 6) for r in test_records] == [t["auc"] for t in tests]
+
+
+def test_terabyte_day_files_train_with_memory_map_and_mlperf_lines(tmp_path: Path) -> None:
+    prefix = write_terabyte(tmp_path, days=3, rows_per_day=1280)
+    argv = [*TINY, "--data-set=terabyte", f"--raw-data-file={prefix}", "--memory-map", "--test-freq=10"]
+    result = run_script(*argv, "--mlperf-logging", "--mlperf-auc-threshold=0.99")
+    assert result.returncode == 0, result.stderr
+    assert [line["it"] for line in finished_lines(result.stdout)] == [10, 20, 30, 40]  # days 0 and 1
+    mlperf = re.findall(
+        r"^Testing at - (\d+)/40 of epoch 0, loss [\d.]+, recall [\d.]+, precision [\d.]+, f1 [\d.]+, ap [\d.]+, "
+        r"auc ([\d.]+), best auc [\d.]+, accuracy [\d.]+ %, best accuracy [\d.]+ %$",
+        result.stdout,
+        re.M,
+    )
+    assert [int(it) for it, _ in mlperf] == [10, 20, 30, 40]
+    assert '"key": "eval_accuracy"' in result.stdout
+
+
+def test_an_auc_threshold_stops_training(tmp_path: Path) -> None:
+    raw = write_kaggle(tmp_path, rows=7 * 1280)
+    result = run_script(*TINY, f"--raw-data-file={raw}", "--test-freq=5", "--mlperf-auc-threshold=0.5")
+    assert result.returncode == 0, result.stderr
+    assert "MLPerf testing auc threshold 0.5 reached, stop training" in result.stdout
+    assert [line["it"] for line in finished_lines(result.stdout)] == []  # stopped at the first test, it 5
+
+
+def test_files_in_the_upstream_processed_layout_load_and_train(tmp_path: Path) -> None:
+    processed = tmp_path / "kaggleAdDisplayChallenge_processed.npz"
+    arrays = write_upstream_processed(processed, rows=7 * 640)
+    result = run_script(*TINY, f"--processed-data-file={processed}", "--test-freq=20", "--num-workers=2")
+    assert result.returncode == 0, result.stderr
+    tables = "-".join(str(int(c)) for c in arrays["counts"])
+    assert f"--arch-embedding-size {tables}: from the data" in result.stdout
+    assert [line["it"] for line in finished_lines(result.stdout)] == [10, 20, 30, 40, 50, 60]
+    assert [t["it"] for t in printed_tests(result.stdout)] == [20, 40, 60]
+
+
+def test_inference_only_evaluates_a_checkpoint_on_the_test_split(tmp_path: Path) -> None:
+    raw = write_kaggle(tmp_path, rows=7 * 640)
+    argv = [*TINY, f"--raw-data-file={raw}"]
+    trained = run_script(*argv, "--test-freq=60", "--save-model", str(tmp_path / "m.pt"))
+    evaluated = run_script(*argv, "--inference-only", "--load-model", str(tmp_path / "m.pt"))
+    assert trained.returncode == 0 and evaluated.returncode == 0, trained.stderr + evaluated.stderr
+    assert finished_lines(evaluated.stdout) == []
+    last_test, evaluation = printed_tests(trained.stdout)[-1], printed_tests(evaluated.stdout)
+    assert len(evaluation) == 1
+    assert (evaluation[0]["loss"], evaluation[0]["auc"]) == (last_test["loss"], last_test["auc"])
+
+
+def test_a_malformed_line_stops_with_file_and_line_unless_skipped(tmp_path: Path) -> None:
+    raw = write_kaggle(tmp_path, rows=7 * 300)
+    lines = raw.read_text().splitlines(keepends=True)
+    lines[1000] = "\t".join(["2", *["1"] * 13, *["0a"] * 26]) + "\n"  # a label other than 0 or 1
+    raw.write_text("".join(lines))
+    stopped = run_script(*TINY, f"--raw-data-file={raw}")
+    assert stopped.returncode == 2 and stopped.stderr.count("\n") == 1, stopped.stderr
+    assert f"{raw}:1001" in stopped.stderr and "label" in stopped.stderr
+    skipped = run_script(*TINY, f"--raw-data-file={raw}", "--skip-bad-lines")
+    assert skipped.returncode == 0, skipped.stderr
+    assert re.search(r"\b1 bad line", skipped.stdout), skipped.stdout
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_index_out_of_its_table_stops_with_the_table_index_and_range(tmp_path: Path, workers: int) -> None:
+    processed = tmp_path / "processed.npz"
+    arrays = write_upstream_processed(processed, rows=7 * 640)
+    arrays["X_cat"] = arrays["X_cat"].copy()
+    arrays["X_cat"][5, 3] = arrays["counts"][3] + 7  # ids beyond the counts the file declares
+    np.savez_compressed(processed, **arrays)
+    argv = [*TINY, f"--processed-data-file={processed}", "--data-randomize=none", f"--num-workers={workers}"]
+    result = run_script(*argv)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    bad, rows = int(arrays["counts"][3]) + 7, int(arrays["counts"][3])
+    assert f"table 3: index {bad} is out of its range [0, {rows})" in result.stderr

@@ -1,0 +1,473 @@
+"""Criteo data: raw text to the original's processed files, and processed files to batches."""
+
+import argparse
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from criteo_files import write_kaggle, write_terabyte, write_upstream_days, write_upstream_processed
+
+import data_utils
+from data_utils import DataError
+
+
+def make_args(raw: Path | str = "", **overrides) -> argparse.Namespace:
+    flags = dict(
+        data_set="kaggle",
+        raw_data_file=str(raw),
+        processed_data_file="",
+        max_ind_range=-1,
+        data_sub_sample_rate=0.0,
+        data_randomize="none",
+        memory_map=False,
+        mlperf_bin_loader=False,
+        mlperf_bin_shuffle=False,
+        numpy_rand_seed=123,
+        skip_bad_lines=False,
+        mini_batch_size=64,
+        test_mini_batch_size=-1,
+    )
+    return argparse.Namespace(**{**flags, **overrides})
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks and vocabulary batches far smaller than the data, so that their boundaries are exercised."""
+    monkeypatch.setattr(data_utils, "CHUNK_BYTES", 20_000)
+    monkeypatch.setattr(data_utils, "PENDING_VALUES", 64)
+    monkeypatch.setattr(data_utils, "BLOCK_ROWS", 100)
+
+
+def read_raw(paths: list[Path]) -> dict[str, np.ndarray]:
+    """The expected processed arrays, computed line by line in plain Python, as the original's dicts did."""
+    ids = [{} for _ in range(26)]
+    labels, dense, categorical = [], [], []
+    for path in paths:
+        for line in path.read_text().splitlines():
+            fields = line.split("\t")
+            labels.append(int(fields[0] or 0))
+            dense.append([max(int(x or 0), 0) for x in fields[1:14]])
+            categorical.append([ids[j].setdefault(int(x or "0", 16), len(ids[j])) for j, x in enumerate(fields[14:])])
+    values = [np.array(list(feature), np.int64) for feature in ids]
+    return dict(y=np.array(labels), X_int=np.array(dense), X_cat=np.array(categorical), values=values)
+
+
+def load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {name: data[name] for name in data.files}
+
+
+def all_rows(dataset: torch.utils.data.Dataset | list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dense, indices [n, 26], targets) of every batch (of a dataset or a list of batches), in order."""
+    batches = [dataset[i] for i in range(len(dataset))]
+    dense = torch.cat([b[0] for b in batches])
+    indices = torch.cat([torch.stack(b[2], dim=1) for b in batches])
+    return dense, indices, torch.cat([b[3] for b in batches])
+
+
+def rows_of(arrays: dict[str, np.ndarray], order: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the batches of the given rows must hold: log(x + 1) of the integers, the ids, the labels."""
+    dense = torch.log(torch.tensor(arrays["X_int"][order], dtype=torch.float32) + 1)
+    indices = torch.tensor(arrays["X_cat"][order]).long()
+    return dense, indices, torch.tensor(arrays["y"][order], dtype=torch.float32).view(-1, 1)
+
+
+def assert_rows_equal(got: tuple, expected: tuple) -> None:
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Raw layouts, ids, splits
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_kaggle_file_becomes_seven_days_with_first_appearance_ids(tmp_path: Path) -> None:
+    raw = write_kaggle(tmp_path, 1000)
+    processed = data_utils.prepare(make_args(raw))
+
+    assert processed.rows_per_day == [143] * 6 + [142]  # divmod(1000, 7): the first 6 days get one more line
+    expected = read_raw([raw])
+    arrays = load(tmp_path / "kaggleAdDisplayChallenge_processed.npz")
+    for name in ("y", "X_int", "X_cat"):
+        np.testing.assert_array_equal(arrays[name], expected[name])
+    assert list(arrays["counts"]) == [len(v) for v in expected["values"]] == processed.counts
+    for j, values in enumerate(expected["values"]):  # the original's dictionaries: hashes as int32
+        np.testing.assert_array_equal(load(tmp_path / f"train_fea_dict_{j}.npz")["unique"], values.astype(np.int32))
+    assert load(tmp_path / "train_day_count.npz")["total_per_file"].tolist() == processed.rows_per_day
+    assert load(tmp_path / "train_fea_count.npz")["counts"].tolist() == processed.counts
+    for day in range(7):
+        assert len(load(tmp_path / f"train_day_{day}_processed.npz")["y"]) == processed.rows_per_day[day]
+    assert not list(tmp_path.glob("*new_values*")) and not list(tmp_path.glob(".*"))
+
+
+def test_terabyte_days_and_the_splits(tmp_path: Path) -> None:
+    raw = write_terabyte(tmp_path, days=3, rows_per_day=151)
+    args = make_args(raw, data_set="terabyte", mini_batch_size=40)
+    processed = data_utils.prepare(args)
+
+    assert processed.rows_per_day == [151] * 3
+    arrays = load(tmp_path / "terabyte_processed.npz")
+    expected = read_raw([tmp_path / f"day_{day}" for day in range(3)])
+    np.testing.assert_array_equal(arrays["X_cat"], expected["X_cat"])
+    assert (tmp_path / "day_fea_count.npz").exists() and (tmp_path / "day_2_processed.npz").exists()
+
+    train, test = data_utils.criteo_datasets(args, processed)
+    assert (len(train), len(test)) == (math.ceil(302 / 40), math.ceil(76 / 40))
+    assert train.counts == processed.counts and train.dense_features == 13
+    assert_rows_equal(all_rows(train), rows_of(arrays, np.arange(302)))
+    assert_rows_equal(all_rows(test), rows_of(arrays, np.arange(302, 378)))  # the last day's first half (ceil)
+    train_rows, test_rows, val_rows = data_utils._split_orders(processed.rows_per_day, "none", np.random.permutation)
+    assert (len(train_rows), len(test_rows), len(val_rows)) == (302, 76, 75)
+
+
+def test_batch_layout(tmp_path: Path) -> None:
+    args = make_args(write_kaggle(tmp_path, 300), mini_batch_size=16, test_mini_batch_size=10)
+    train, test = data_utils.criteo_datasets(args, data_utils.prepare(args))
+    dense, offsets, indices, targets = train[len(train) - 1]
+    n = 258 - 16 * (len(train) - 1)  # 6 days of 43 rows; the last batch is partial
+    assert dense.dtype == torch.float32 and dense.shape == (n, 13)
+    assert len(offsets) == len(indices) == 26
+    assert all(torch.equal(o, torch.arange(n)) for o in offsets)
+    assert all(i.dtype == torch.int64 and i.shape == (n,) for i in indices)
+    assert targets.dtype == torch.float32 and targets.shape == (n, 1)
+    assert test[0][0].shape == (10, 13)
+    with pytest.raises(IndexError):
+        train[len(train)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flags: --data-randomize, --max-ind-range, --data-sub-sample-rate
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("randomize", ["none", "day", "total"])
+def test_randomize_draws_from_the_global_generator_as_the_original(tmp_path: Path, randomize: str) -> None:
+    args = make_args(write_kaggle(tmp_path, 700), data_randomize=randomize)
+    processed = data_utils.prepare(args)
+    arrays = load(tmp_path / "kaggleAdDisplayChallenge_processed.npz")
+
+    np.random.seed(7)
+    train, test = data_utils.criteo_datasets(args, processed)
+    state = np.random.get_state()[1]
+
+    def original_train_order() -> np.ndarray:
+        if randomize == "day":
+            return np.concatenate([100 * day + np.random.permutation(100) for day in range(6)])
+        return np.random.permutation(600) if randomize == "total" else np.arange(600)
+
+    np.random.seed(7)
+    order = original_train_order()
+    original_train_order()  # the original split the data again for its test set
+    assert np.array_equal(np.random.get_state()[1], state)
+    assert_rows_equal(all_rows(train), rows_of(arrays, order))
+    assert_rows_equal(all_rows(test), rows_of(arrays, np.arange(600, 650)))
+
+
+def test_max_ind_range_folds_hashes_before_numbering(tmp_path: Path) -> None:
+    raw = write_kaggle(tmp_path, 500)
+    args = make_args(raw, max_ind_range=5)
+    processed = data_utils.prepare(args)
+
+    ids = [{} for _ in range(26)]
+    for line in raw.read_text().splitlines():
+        for j, x in enumerate(line.split("\t")[14:]):
+            ids[j].setdefault(int(x or "0", 16) % 5, len(ids[j]))
+    assert processed.counts == [len(feature) for feature in ids]
+    train, _ = data_utils.criteo_datasets(args, processed)
+    assert train.counts == [min(len(feature), 5) for feature in ids]
+    assert all(int(index.max()) < 5 for batch in (train[0], train[1]) for index in batch[2])
+
+
+def test_sub_sampling_drops_negatives_only_and_repeats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = write_kaggle(tmp_path, 2000)
+    labels = np.array([int(line.split("\t")[0] or 0) for line in raw.read_text().splitlines()])
+    data_utils.prepare(make_args(raw, data_sub_sample_rate=0.6))
+    kept = load(tmp_path / "kaggleAdDisplayChallenge_processed.npz")["y"]
+
+    assert (kept == 1).sum() == (labels == 1).sum()
+    assert 0.3 < (kept == 0).sum() / (labels == 0).sum() < 0.5
+    again = tmp_path / "again"
+    again.mkdir()
+    monkeypatch.setattr(data_utils, "CHUNK_BYTES", 7_000)  # the draws do not depend on how the text is cut
+    data_utils.prepare(make_args(shutil.copy(raw, again), data_sub_sample_rate=0.6))
+    for name in ("y", "X_int", "X_cat", "counts"):
+        np.testing.assert_array_equal(load(again / "kaggleAdDisplayChallenge_processed.npz")[name], load(
+            tmp_path / "kaggleAdDisplayChallenge_processed.npz")[name])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory-map mode, the bin loader, the original's files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_memory_map_gives_the_same_batches(tmp_path: Path) -> None:
+    raw = write_kaggle(tmp_path, 900)
+    in_memory = make_args(raw, data_randomize="total", numpy_rand_seed=3)
+    mapped = make_args(raw, data_randomize="total", numpy_rand_seed=3, memory_map=True)
+
+    processed = data_utils.prepare(mapped)
+    assert processed.concatenated is None and not (tmp_path / "kaggleAdDisplayChallenge_processed.npz").exists()
+    np.random.seed(3)
+    mapped_sets = data_utils.criteo_datasets(mapped, processed)
+    np.random.seed(3)
+    in_memory_sets = data_utils.criteo_datasets(in_memory, data_utils.prepare(in_memory))
+    for mapped_set, in_memory_set in zip(mapped_sets, in_memory_sets, strict=True):
+        assert_rows_equal(all_rows(mapped_set), all_rows(in_memory_set))
+
+
+def test_batches_are_a_function_of_their_index(tmp_path: Path) -> None:
+    args = make_args(write_kaggle(tmp_path, 700), data_randomize="total", memory_map=True, mini_batch_size=32)
+    train, _ = data_utils.criteo_datasets(args, data_utils.prepare(args))
+    later = train[5]
+    first = [train[i] for i in (3, 0, 5)]
+    train.epoch = 4
+    assert_rows_equal(all_rows([train[5]]), all_rows([later]))
+    assert_rows_equal(all_rows([train[3], train[0]]), all_rows(first[:2]))
+    loader = torch.utils.data.DataLoader(train, batch_size=None, num_workers=2)
+    assert_rows_equal(all_rows(list(loader)), all_rows(train))
+
+
+def test_mlperf_bin_loader(tmp_path: Path) -> None:
+    raw = write_kaggle(tmp_path, 1000)
+    bin_args = make_args(raw, data_randomize="total", numpy_rand_seed=9, mlperf_bin_loader=True, mini_batch_size=50)
+    processed = data_utils.prepare(bin_args)
+    for split, rows in (("train", 858), ("test", 71), ("val", 71)):
+        assert processed.bin_files[split] == tmp_path / f"kaggleAdDisplayChallenge_processed_{split}.bin"
+        assert processed.bin_files[split].stat().st_size == rows * 40 * 4
+
+    train, test = data_utils.criteo_datasets(bin_args, processed)
+    np.random.seed(9)  # the bin file holds the rows in the order the in-memory dataset draws first
+    in_memory = make_args(**{**vars(bin_args), "mlperf_bin_loader": False})
+    expected_train, expected_test = data_utils.criteo_datasets(in_memory, data_utils.prepare(in_memory))
+    assert_rows_equal(all_rows(train), all_rows(expected_train))
+    assert_rows_equal(all_rows(test), all_rows(expected_test))
+
+
+def test_mlperf_bin_shuffle_reorders_full_batches_per_epoch(tmp_path: Path) -> None:
+    args = make_args(write_kaggle(tmp_path, 1000), mlperf_bin_loader=True, mlperf_bin_shuffle=True, mini_batch_size=50)
+    processed = data_utils.prepare(args)
+    shuffled, _ = data_utils.criteo_datasets(args, processed)
+    plain, _ = data_utils.criteo_datasets(make_args(**{**vars(args), "mlperf_bin_shuffle": False}), processed)
+    targets = [plain[i][3] for i in range(len(plain))]
+
+    def batch_order(epoch: int) -> list[int]:
+        shuffled.epoch = epoch
+        return [next(j for j, t in enumerate(targets) if torch.equal(t, shuffled[i][3])) for i in range(len(shuffled))]
+
+    first, second = batch_order(0), batch_order(1)
+    assert first != second and first == batch_order(0)
+    assert sorted(first[:-1]) == list(range(17)) and first[-1] == second[-1] == 17  # 858 rows: the partial one last
+    again, _ = data_utils.criteo_datasets(args, processed)
+    again.epoch = 1
+    assert_rows_equal(all_rows(again), all_rows([plain[j] for j in second]))
+
+
+def test_reads_the_originals_concatenated_file(tmp_path: Path) -> None:
+    path = tmp_path / "kaggle_processed.npz"
+    arrays = write_upstream_processed(path, 700)
+    args = make_args(processed_data_file=path, mini_batch_size=30)
+    processed = data_utils.prepare(args)
+
+    assert processed.counts == arrays["counts"].tolist() and processed.rows_per_day == [100] * 7
+    train, test = data_utils.criteo_datasets(args, processed)
+    assert_rows_equal(all_rows(train), rows_of(arrays, np.arange(600)))
+    assert_rows_equal(all_rows(test), rows_of(arrays, np.arange(600, 650)))
+
+
+def test_memory_maps_the_originals_day_files(tmp_path: Path) -> None:
+    raw = tmp_path / "train.txt"  # never read: the processed files are all there
+    arrays = write_upstream_days(raw, [40, 41, 42, 43, 44, 45, 46])
+    args = make_args(raw, memory_map=True, mini_batch_size=25)
+    processed = data_utils.prepare(args)
+
+    train, test = data_utils.criteo_datasets(args, processed)
+    assert_rows_equal(all_rows(train), rows_of(arrays, np.arange(255)))
+    assert_rows_equal(all_rows(test), rows_of(arrays, np.arange(255, 278)))
+    np.testing.assert_array_equal(load(tmp_path / "train_day_6_processed.npz")["X_cat"], arrays["X_cat"][255:])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resuming
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_rerun_writes_only_the_missing_day(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    raw = write_kaggle(tmp_path, 700)
+    args = make_args(raw)
+    data_utils.prepare(args)
+    concatenated = tmp_path / "kaggleAdDisplayChallenge_processed.npz"
+    before = load(concatenated)
+    others = [p for p in tmp_path.glob("train_*.npz") if p.name != "train_day_3_processed.npz"]
+    stamps = {p: p.stat().st_mtime_ns for p in others}
+    (tmp_path / "train_day_3_processed.npz").unlink()
+    concatenated.unlink()
+    capsys.readouterr()
+
+    data_utils.prepare(args)
+    progress = capsys.readouterr().err
+    assert "Pass 1/2" not in progress and "Pass 2/2, ids: 100/100 lines" in progress
+    assert {p: p.stat().st_mtime_ns for p in others} == stamps
+    for name, values in before.items():
+        np.testing.assert_array_equal(load(concatenated)[name], values)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_second_pass_keeps_the_days_it_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    args = make_args(write_kaggle(tmp_path, 700))
+    finish = data_utils.DayWriter._finish
+
+    def interrupt_at_day_3(writer: data_utils.DayWriter) -> None:
+        if writer.path.name == "train_day_3_processed.npz":
+            raise Interrupted
+        finish(writer)
+
+    monkeypatch.setattr(data_utils.DayWriter, "_finish", interrupt_at_day_3)
+    with pytest.raises(Interrupted):
+        data_utils.prepare(args)
+    finished = [tmp_path / f"train_day_{day}_processed.npz" for day in range(3)]
+    assert sorted(tmp_path.glob("*_processed.npz")) == finished and not list(tmp_path.glob(".*"))
+    stamps = [path.stat().st_mtime_ns for path in finished]
+    monkeypatch.setattr(data_utils.DayWriter, "_finish", finish)
+    capsys.readouterr()
+
+    data_utils.prepare(args)
+    progress = capsys.readouterr().err
+    assert "Pass 1/2" not in progress and "Pass 2/2, ids: 400/400 lines" in progress
+    assert [path.stat().st_mtime_ns for path in finished] == stamps
+    expected = read_raw([tmp_path / "train.txt"])
+    np.testing.assert_array_equal(load(tmp_path / "kaggleAdDisplayChallenge_processed.npz")["X_cat"], expected["X_cat"])
+
+
+def test_interrupted_first_pass_resumes_at_the_day_it_stopped(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    raw = write_terabyte(tmp_path, days=4, rows_per_day=100)
+    good_day = (tmp_path / "day_2").read_text()
+    lines = good_day.splitlines(keepends=True)
+    (tmp_path / "day_2").write_text("".join(lines[:10] + ["1\t2\n"] + lines[11:]))
+    args = make_args(raw, data_set="terabyte")
+    with pytest.raises(DataError, match="day_2:11: expected 40"):
+        data_utils.prepare(args)
+    assert sorted(p.name for p in tmp_path.glob("*new_values*")) == ["day_0_new_values.npz", "day_1_new_values.npz"]
+    (tmp_path / "day_2").write_text(good_day)
+    capsys.readouterr()
+
+    data_utils.prepare(args)
+    assert "Pass 1/2, vocabularies: 200/200 lines" in capsys.readouterr().err
+    expected = read_raw([tmp_path / f"day_{day}" for day in range(4)])
+    np.testing.assert_array_equal(load(tmp_path / "terabyte_processed.npz")["X_cat"], expected["X_cat"])
+    assert not list(tmp_path.glob("*new_values*"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------
+
+BAD_LINES = {
+    "fields": ("0\t1\t2", "expected 40 tab-separated fields (label, I1-I13, C1-C26), found 3"),
+    "hex": (None, "C5 'zz12' is not a hexadecimal number of at most 8 digits"),
+    "integer": (None, "I3 '1.5' is not a 32-bit integer"),
+    "label": (None, "label '2' is not 0 or 1"),
+}
+
+
+def spoil(line: str, kind: str) -> str:
+    fields = line.split("\t")
+    if kind == "hex":
+        fields[14 + 4] = "zz12"
+    elif kind == "integer":
+        fields[3] = "1.5"
+    elif kind == "label":
+        fields[0] = "2"
+    return "\t".join(fields)
+
+
+@pytest.mark.parametrize("kind", BAD_LINES)
+def test_a_bad_line_is_named_by_file_and_line(tmp_path: Path, kind: str, capsys: pytest.CaptureFixture) -> None:
+    raw = write_kaggle(tmp_path, 300)
+    lines = raw.read_text().splitlines()
+    replacement, problem = BAD_LINES[kind]
+    lines[56] = replacement or spoil(lines[56], kind)
+    raw.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as error:
+        data_utils.prepare(make_args(raw))
+    assert str(error.value) == f"{raw}:57: {problem}"
+
+    processed = data_utils.prepare(make_args(raw, skip_bad_lines=True))
+    assert sum(processed.rows_per_day) == 299
+    report = f"--skip-bad-lines: skipped 1 bad line(s) of {raw} (first: {raw}:57: {problem})"
+    assert report in capsys.readouterr().out.splitlines()
+
+
+def test_parser_agrees_with_the_line_by_line_rules() -> None:
+    rng = np.random.default_rng(0)
+    pieces = ["", "0", "1", "-", "-7", "12", "ff", "FFFFFFFF", "123456789", "1234567890", "12345678901", "2147483648",
+              "-2147483648", "x", "1.5", " 1", "abcdefab0", "\t"]  # fmt: skip
+    lines = []
+    for _ in range(3000):
+        fields = ["1"] + ["3"] * 13 + ["0a"] * 26
+        for position in rng.integers(0, 40, size=rng.integers(0, 3)):
+            fields[position] = pieces[rng.integers(len(pieces))]
+        lines.append("\t".join(fields).encode())
+    rows, bad = data_utils.parse_lines(b"\n".join(lines) + b"\n")
+
+    problems = [data_utils.describe_problem(line) != "malformed line" for line in lines]
+    assert np.flatnonzero(problems).tolist() == bad.tolist()
+    for row, line_index in enumerate(rows.lines):
+        fields = lines[line_index].split(b"\t")
+        assert rows.labels[row] == int(fields[0] or 0)
+        assert rows.dense[row].tolist() == [max(int(x or 0), 0) for x in fields[1:14]]
+        assert rows.categorical[row].tolist() == [int(x or b"0", 16) for x in fields[14:]]
+
+
+def test_missing_inputs_name_the_flag_and_the_path(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=f"--raw-data-file {tmp_path}/train.txt: no such file"):
+        data_utils.prepare(make_args(tmp_path / "train.txt"))
+    with pytest.raises(DataError, match=f"--raw-data-file {tmp_path}/day: no Terabyte day files"):
+        data_utils.prepare(make_args(tmp_path / "day", data_set="terabyte"))
+    with pytest.raises(DataError, match=f"--processed-data-file {tmp_path}/p.npz: no such file"):
+        data_utils.prepare(make_args(processed_data_file=tmp_path / "p.npz"))
+
+
+def test_a_broken_processed_file_names_the_file_and_the_array(tmp_path: Path) -> None:
+    path = tmp_path / "p.npz"
+    arrays = write_upstream_processed(path, 70)
+    with open(path, "wb") as out:
+        np.savez(out, **{name: values for name, values in arrays.items() if name != "counts"})
+    with pytest.raises(DataError, match=f"{path}: no array counts"):
+        data_utils.prepare(make_args(processed_data_file=path))
+    with open(path, "wb") as out:
+        np.savez(out, **{**arrays, "X_cat": arrays["X_cat"][:, :25]})
+    with pytest.raises(DataError, match=rf"{path}: array X_cat has shape \(70, 25\), expected \(70, 26\)"):
+        data_utils.prepare(make_args(processed_data_file=path))
+    path.write_text("not a zip file")
+    with pytest.raises(DataError, match=f"{path}: not a readable npz file"):
+        data_utils.prepare(make_args(processed_data_file=path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The test data itself
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_the_test_data_carries_a_learnable_signal(tmp_path: Path) -> None:
+    """Click rates of (C1, C2, I1 > 2) learnt on the training days rank the last day's rows with AUC >= 0.75."""
+    args = make_args(write_kaggle(tmp_path, 14_000))
+    arrays = load(data_utils.prepare(args).concatenated)
+    keys = arrays["X_cat"][:, 0] * 100 + arrays["X_cat"][:, 1] * 2 + (arrays["X_int"][:, 0] > 2)
+    train, test = slice(0, 12_000), slice(12_000, None)
+    clicks = np.bincount(keys[train], weights=arrays["y"][train], minlength=keys.max() + 1)
+    seen = np.bincount(keys[train], minlength=keys.max() + 1)
+    scores = ((clicks + 1) / (seen + 2))[keys[test]]
+    labels = arrays["y"][test]
+    ranks = np.argsort(np.argsort(scores + 1e-9 * np.random.default_rng(0).random(len(scores)))) + 1
+    positives = labels.sum()
+    auc = (ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * (len(labels) - positives))
+    assert auc >= 0.75
