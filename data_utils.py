@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
+import fcntl
 import itertools
 import math
 import multiprocessing
@@ -151,11 +153,27 @@ def prepare(args: argparse.Namespace) -> Processed:
     files are memory-mapped; --mlperf-bin-loader reads int32 ``.bin`` files made from the day files.
     """
     files = CriteoFiles.from_args(args)
-    if args.mlperf_bin_loader:
-        return _prepare_bins(args, files)
-    if args.memory_map:
-        return _prepare_days(args, files, mappable=True)
-    return _prepare_concatenated(args, files)
+    with _one_process_at_a_time(files.processed):
+        if args.mlperf_bin_loader:
+            return _prepare_bins(args, files)
+        if args.memory_map:
+            return _prepare_days(args, files, mappable=True)
+        return _prepare_concatenated(args, files)
+
+
+@contextlib.contextmanager
+def _one_process_at_a_time(processed: Path) -> Iterator[None]:
+    """Ranks started by torchrun or mpirun all call ``prepare``: the first preprocesses, the others then read."""
+    lock = processed.with_name(f".{processed.name}.lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a")  # noqa: SIM115 (held for the block)
+    except OSError:  # read-only data: nothing will be written there either
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _prepare_concatenated(args: argparse.Namespace, files: CriteoFiles) -> Processed:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, finished_lines, printed_weights, run_script
+from criteo_files import write_kaggle
 
 import distributed_utils
 import dlrm_s_pytorch
@@ -17,6 +18,7 @@ from distributed_utils import Shard, plan_tables
 
 TINY = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=5-8-4", "--mini-batch-size=16", "--num-batches=6"]
 TINY += ["--num-indices-per-lookup=6", "--print-freq=1", "--learning-rate=0.05", "--print-precision=9"]
+TESTING = re.compile(r"^Testing at - .*, loss ([\d.]+), accuracy ([\d.]+) %.*\nTesting AUC .*: ([\d.]+), best", re.M)
 CASES = {
     "tables-dot-sgd": ["--arch-embedding-size=40-7-200-25", "--arch-mlp-top=14-6-1", "--arch-interaction-op=dot"],
     "tables-cat-adagrad": ["--arch-embedding-size=40-7-200-25", "--arch-mlp-top=20-6-1", "--optimizer=adagrad"],
@@ -85,6 +87,22 @@ def test_two_ranks_save_per_rank_checkpoints_and_resume_exactly(tmp_path: Path) 
     for rank in range(2):
         assert whole[rank].returncode == first[rank].returncode == resumed[rank].returncode == 0, resumed[rank].stderr
         assert finished_lines(resumed[rank].stdout) == finished_lines(whole[rank].stdout)[4:]
+
+
+def test_two_ranks_test_criteo_data_as_one_rank(tmp_path: Path) -> None:
+    raw = write_kaggle(tmp_path, rows=7 * 640)
+    argv = ["--data-generation=dataset", f"--raw-data-file={raw}", "--arch-sparse-feature-size=4"]
+    argv += ["--arch-mlp-bot=13-8-4", "--arch-mlp-top=16-1", "--mini-batch-size=64", "--optimizer=adagrad"]
+    argv += ["--learning-rate=0.05", "--print-freq=10", "--num-batches=20", "--test-freq=10"]
+    alone = run_script(*argv)
+    ranks = run_ranks([*argv, "--test-mini-batch-size=32"])
+    assert alone.returncode == 0 and ranks[0].returncode == 0, alone.stderr + ranks[0].stderr
+    expected, printed = TESTING.findall(alone.stdout), TESTING.findall(ranks[0].stdout)
+    assert len(printed) == len(expected) == 2
+    for (loss, accuracy, auc), (expected_loss, expected_accuracy, expected_auc) in zip(printed, expected, strict=True):
+        assert float(loss) == pytest.approx(float(expected_loss), abs=1e-5)
+        assert float(auc) == pytest.approx(float(expected_auc), abs=1e-5)
+        assert accuracy == expected_accuracy
 
 
 def test_bf16_and_lazy_mode_run_distributed() -> None:
