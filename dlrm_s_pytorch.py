@@ -1142,10 +1142,13 @@ class Trainer:
     def request_stop(self, signum: int, frame: object) -> None:
         self.stop_signal = signum
 
-    def stopping(self) -> bool:
-        """A signal arrived here, or at any rank (all ranks must stop at the same iteration)."""
+    def stopping(self, reported: bool) -> bool:
+        """A signal arrived here, or at any rank. Ranks must stop at the same iteration, so they agree when a line
+        was just ``reported`` (already a point where they wait for each other), not every iteration."""
         if not dist.is_initialized():
             return self.stop_signal is not None
+        if not reported:
+            return False
         flag = torch.tensor([self.stop_signal or 0], device=self.backend.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.stop_signal = int(flag.item()) or None
@@ -1179,14 +1182,15 @@ class Trainer:
                 self.position = Position(epoch, j + 1, self.position.iteration + 1)
                 if args.debug_mode:
                     print(f"batch {j}: dense {batch.dense}\ntargets {batch.targets.view(-1)}\nscores {scores.view(-1)}")
-                if (j + 1) % args.print_freq == 0 or j + 1 == nbatches:
+                reported = (j + 1) % args.print_freq == 0 or j + 1 == nbatches
+                if reported:
                     self.report(j + 1, nbatches, epoch)
                 test_due = args.test_freq > 0 and ((j + 1) % args.test_freq == 0 or j + 1 == nbatches)
                 if test_due and self.test(j + 1, epoch):
                     return True
                 if args.save_freq and self.position.iteration % args.save_freq == 0:
                     self.save()
-                if self.stopping():
+                if self.stopping(reported):
                     name = signal.Signals(self.stop_signal).name
                     print(f"Stopped by {name} after it {j + 1}/{nbatches} of epoch {epoch}")
                     return True
