@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -69,14 +70,24 @@ def spawn_ranks(command: list[str], world_size: int) -> int:
     """Run ``command`` as ``world_size`` local ranks; the first rank to fail stops the others. Its exit code."""
     port = free_port()
     processes = [subprocess.Popen(command, env=rank_environment(r, world_size, port)) for r in range(world_size)]
+
+    def forward(signum: int, frame: object) -> None:  # the ranks save their checkpoints and stop together
+        for p in processes:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while True:
             codes = [p.poll() for p in processes]
             failed = [code for code in codes if code not in (None, 0)]
-            if failed or all(code == 0 for code in codes):
+            stopped_by_signal = failed and all(code in (None, failed[0]) for code in codes) and failed[0] > 128
+            if (failed and not stopped_by_signal) or all(code is not None for code in codes):
                 return failed[0] if failed else 0
             time.sleep(SPAWN_POLL_S)
     finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         for p in processes:
             if p.poll() is None:
                 p.terminate()
