@@ -83,7 +83,7 @@ def spawn_ranks(command: list[str], world_size: int) -> int:
             failed = [code for code in codes if code not in (None, 0)]
             stopped_by_signal = failed and all(code in (None, failed[0]) for code in codes) and failed[0] > 128
             if (failed and not stopped_by_signal) or all(code is not None for code in codes):
-                return failed[0] if failed else 0
+                return (failed[0] if failed[0] > 0 else 128 - failed[0]) if failed else 0  # -N: killed by signal N
             time.sleep(SPAWN_POLL_S)
     finally:
         for s, handler in previous.items():

@@ -348,8 +348,19 @@ def _check_one_rank_flags(args: argparse.Namespace, world_size: int) -> None:
             raise UsageError(f"--{flag.replace('_', '-')}: needs one rank (distributed, each rank holds some tables)")
 
 
+def _check_writable(flag: str, path: str) -> None:
+    """An output file must be creatable: found out at the start, not after hours of training."""
+    target = Path(path)
+    folder = next((p for p in [target.parent, *target.parent.parents] if p.exists()), Path("."))
+    if target.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: cannot be written there")
+
+
 def _check_run_flags(args: argparse.Namespace) -> None:
     _check_one_rank_flags(args, args.world_size)
+    for flag in ("save_model", "metrics_file", "save_onnx"):
+        if getattr(args, flag):
+            _check_writable(f"--{flag.replace('_', '-')}", getattr(args, flag))
     if args.save_freq < 0:
         raise UsageError(f"--save-freq: must be zero or more, got {args.save_freq}")
     if args.save_freq and not args.save_model:
@@ -921,7 +932,8 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
+            finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            self.file.write(json.dumps(finite) + "\n")
             self.file.flush()
         if self.writer:
             for key, value in record.items():
@@ -958,6 +970,8 @@ class CheckpointError(Exception):
 
 
 CHECKPOINT_FORMAT = "dlrm_s_pytorch checkpoint 1"
+# flags that decide which batches come where: a resumed run must keep them (--num-batches may grow)
+RESUME_FLAGS = ("mini_batch_size", "data_generation", "numpy_rand_seed", "data_set", "data_randomize")
 
 
 def checkpoint_file(path: str, rank: int) -> Path:
@@ -966,14 +980,20 @@ def checkpoint_file(path: str, rank: int) -> Path:
 
 
 def write_checkpoint(path: Path, state: dict) -> None:
-    """Atomically: into a temporary file beside it, flushed to disk, then renamed over the previous one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomically: into a temporary file beside it, flushed to disk, then renamed over the previous one. With
+    several ranks, every rank's file is written before any is renamed, so the set stays consistent."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if dist.is_initialized():
+            dist.barrier()
+        os.replace(temporary, path)
+    except OSError as e:
+        raise CheckpointError(f"--save-model {path}: cannot write it ({e.strerror})") from None
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -982,9 +1002,8 @@ def read_checkpoint(path: Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"--load-model {path}: no such file") from None
     except Exception as e:  # a truncated or corrupt file fails anywhere in unpickling or unzipping
-        raise CheckpointError(
-            f"--load-model {path}: not a readable checkpoint, truncated or corrupt ({first_line(e)})"
-        ) from None
+        why = "it holds more than tensors and numbers" if "Weights only load" in str(e) else first_line(e)
+        raise CheckpointError(f"--load-model {path}: not a readable checkpoint, truncated or corrupt ({why})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"--load-model {path}: not a checkpoint written by this script's --save-model")
     return state
@@ -1071,6 +1090,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "world_size": self.ranks.world_size,
             "optimizer": self.args.optimizer,
+            "data": {flag: getattr(self.args, flag) for flag in RESUME_FLAGS},
             "weights": {name: weight.detach().cpu() for name, weight in model.named_weights()},
             "sparse_state": {
                 str(shard): table.moments.cpu()
@@ -1093,6 +1113,10 @@ class Trainer:
         if state["optimizer"] != self.args.optimizer:
             raise CheckpointError(f"--load-model {path}: saved with --optimizer {state['optimizer']}, "
                                   f"this run uses {self.args.optimizer}")  # fmt: skip
+        for flag, saved in state["data"].items():
+            if getattr(self.args, flag) != saved:
+                raise CheckpointError(f"--load-model {path}: saved with --{flag.replace('_', '-')} {saved}, "
+                                      f"this run has {getattr(self.args, flag)}")  # fmt: skip
         for shard, table in zip(self.model.shards, self.model.embeddings, strict=True):
             if table.moments is not None:
                 load_tensor(path, "Adagrad state of", str(shard), state["sparse_state"], table.moments)
@@ -1105,6 +1129,11 @@ class Trainer:
         self.window.stats = [row.to(self.backend.device) for row in state["window"]]
         set_numpy_rng_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
+        if dist.is_initialized():  # every rank's file must come from the same save
+            iterations = [None] * self.ranks.world_size
+            dist.all_gather_object(iterations, self.position.iteration)
+            if len(set(iterations)) > 1:
+                raise CheckpointError(f"--load-model {path}: the ranks' files were saved at iterations {iterations}")
 
     def save(self) -> None:
         path = checkpoint_file(self.args.save_model, self.ranks.rank)
@@ -1166,7 +1195,7 @@ class Trainer:
             for j, batch in enumerate(epoch_batches(self.train_loader, epoch, start, replayed), start):
                 if batch.samples < args.mini_batch_size:
                     print(f"Breaking out of the epoch as  batch was partial. Number of samples: {batch.samples}")
-                    break
+                    return j > start and self.end_epoch_early(j, nbatches, epoch)
                 begin = time.perf_counter()
                 scores = self.step(backend.to_device(batch))
                 self.iterations_here += 1
@@ -1195,6 +1224,13 @@ class Trainer:
                     print(f"Stopped by {name} after it {j + 1}/{nbatches} of epoch {epoch}")
                     return True
         return False
+
+    def end_epoch_early(self, done: int, nbatches: int, epoch: int) -> bool:
+        """A partial batch ended the epoch after ``done`` batches: the report and the test the last batch would
+        have had; True when a test reached its threshold."""
+        if self.window.stats:
+            self.report(done, nbatches, epoch)
+        return self.args.test_freq > 0 and done % self.args.test_freq != 0 and self.test(done, epoch)
 
     def step(self, batch: Batch) -> Tensor:
         """One iteration: forward, loss, and when training backward (the sparse updates run inside) and step."""
@@ -1265,7 +1301,7 @@ class Trainer:
     def evaluate(self) -> Evaluation:
         """Loss, accuracy and ROC AUC over the whole test split (a last partial batch is left out)."""
         batch_size = self.test_loader.collate_fn.batch_size
-        losses, correct, scores, targets = [], 0.0, [], []
+        losses, correct, non_finite, scores, targets = [], 0.0, 0.0, [], []
         for batch in epoch_batches(self.test_loader, 0, 0, None):
             if batch.samples < batch_size:
                 print(f"Breaking out of the epoch as  test batch was partial. Number of samples: {batch.samples}")
@@ -1275,13 +1311,14 @@ class Trainer:
             batch_scores, loss, stats = self.dense_path(
                 batch.dense, self.model.lookup(batch.bags, local_batch), batch.targets
             )
-            self.backend.mark_step()
-            losses.append(stats[0])
-            correct += stats[1]
-            scores.append(batch_scores.detach().float().view(-1))
+            losses.append(stats[0].clone())  # a CUDA graph's outputs are overwritten by its next replay
+            correct += stats[1].clone()
+            non_finite += stats[2].clone()
+            scores.append(batch_scores.detach().float().view(-1).clone())
             targets.append(batch.targets.view(-1))
-        if not losses:
-            raise DataError(f"the test split has no whole batch of {batch_size} samples (--test-mini-batch-size?)")
+            self.backend.mark_step()
+        if int(non_finite):
+            raise DivergedError("the test scores are not finite (a diverged model?)")
         all_scores, all_targets = gather_samples(torch.cat(scores)), gather_samples(torch.cat(targets))
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         totals = torch.stack([torch.stack(losses).sum(), torch.as_tensor(correct, device=losses[0].device)])
@@ -1318,7 +1355,8 @@ def serving_inputs(batch: Batch) -> tuple[Tensor, ...]:
     """A preprocessed batch as ``ServingDLRM`` takes it: dense, then (indices, offsets) per table."""
     inputs = [batch.dense.float().cpu()]
     for bags in batch.bags:
-        inputs += [bags.indices[: bags.num_indices].long().cpu(), bags.offsets[:-1].long().cpu()]
+        samples = batch.dense.size(0)  # a partial batch's buffers hold empty bags after its samples
+        inputs += [bags.indices[: bags.num_indices].long().cpu(), bags.offsets[:samples].long().cpu()]
     return tuple(inputs)
 
 
@@ -1401,8 +1439,11 @@ def join_ranks(args: argparse.Namespace, backend: Backend, ranks: Ranks | None) 
         ranks = Ranks(0, 1, 0, 1)
     if args.world_size not in (1, ranks.world_size):
         raise UsageError(f"--world_size {args.world_size}: the launcher started {ranks.world_size} ranks")
-    if args.mini_batch_size % ranks.world_size:
-        raise UsageError(f"--mini-batch-size {args.mini_batch_size} is not divisible by {ranks.world_size} ranks")
+    for flag in ("mini_batch_size", "test_mini_batch_size"):
+        if getattr(args, flag) > 0 and getattr(args, flag) % ranks.world_size:
+            raise UsageError(
+                f"--{flag.replace('_', '-')} {getattr(args, flag)} is not divisible by {ranks.world_size} ranks"
+            )
     _check_one_rank_flags(args, ranks.world_size)
     try:
         distributed_utils.init_process_group(ranks, backend.process_group)
@@ -1425,9 +1466,20 @@ def build(args: argparse.Namespace, sizes: Sizes, backend: Backend, ranks: Ranks
     if args.debug_mode:
         print(f"model sizes: {sizes}, torch threads: {torch.get_num_threads()}\n{model}")
     train_loader = make_loader(args, train_data, sizes, backend, model.shards, ranks)
-    test_loader = test_data and make_loader(args, test_data, sizes, backend, model.shards, ranks, test=True)
+    test_loader = None
+    if test_data is not None and (args.test_freq > 0 or args.inference_only):
+        test_loader = make_loader(args, test_data, sizes, backend, model.shards, ranks, test=True)
+        if whole_batches(test_loader) == 0:
+            batch_size = test_loader.collate_fn.batch_size
+            raise UsageError(f"--test-mini-batch-size: the test split holds no whole batch of {batch_size} samples")
     checkpoint = read_checkpoint(checkpoint_file(args.load_model, ranks.rank)) if args.load_model else None
     return Trainer(args, model, backend, (train_loader, test_loader), ranks, checkpoint)
+
+
+def whole_batches(loader: torch.utils.data.DataLoader) -> int:
+    """Batches of the full size: all of them, or all but a partial last one."""
+    count = len(loader.dataset)
+    return count - (count > 0 and loader.dataset[count - 1][0].size(0) < loader.collate_fn.batch_size)
 
 
 def export(args: argparse.Namespace, trainer: Trainer) -> None:
@@ -1503,7 +1555,7 @@ def main(argv: list[str]) -> int:
     with profiling(args.enable_profiling, backend.device_type, profile_name):
         try:
             code = trainer.run()
-        except DataError as e:
+        except (DataError, CheckpointError) as e:
             return fail(2, first_line(e))
         except DivergedError as e:
             return fail(1, str(e))
@@ -1515,8 +1567,9 @@ def main(argv: list[str]) -> int:
     if args.debug_mode:
         for name, weight in trainer.model.named_weights():
             print(f"updated {name}:\n{weight.detach()}")
-    if not dist.is_initialized():
+    if ranks.world_size == 1:
         export(args, trainer)
+    if not dist.is_initialized():
         return code
     dist.barrier()
     dist.destroy_process_group()

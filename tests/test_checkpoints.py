@@ -155,6 +155,7 @@ def write_bad_files(tmp_path: Path, good: Path) -> dict[str, tuple[Path, list[st
         "other layer": (good, ["--arch-mlp-bot=5-9-4"], "'bottom_mlp.0.weight' has shape [8, 5], "
                                                         "this model's is [9, 5]"),
         "other optimizer": (good, ["--optimizer=sgd"], "saved with --optimizer adagrad, this run uses sgd"),
+        "other batch size": (good, ["--mini-batch-size=8"], "saved with --mini-batch-size 16, this run has 8"),
     }  # fmt: skip
 
 

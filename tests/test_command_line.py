@@ -96,6 +96,8 @@ BAD_INPUTS = {
         ["--data-generation=dataset", "--raw-data-file=x", "--max-ind-range=0"],
         "--max-ind-range: must be positive",
     ),
+    "checkpoint nowhere to write": (["--save-model=/dev/null/m.pt"], "--save-model /dev/null/m.pt: cannot be written"),
+    "metrics into a folder": (["--metrics-file=/tmp"], "--metrics-file /tmp: cannot be written there"),
     "onnx from two ranks": (["--save-onnx", "--world_size=2", "--mini-batch-size=4"], "needs one rank"),
     "qr not supported": (["--qr-flag"], "--qr-flag is not supported"),
     "op list without bf16": (["--hmp-bf16=ops.txt"], "--hmp-bf16: applies only with --data_type bf16"),

@@ -67,6 +67,29 @@ def test_an_auc_threshold_stops_training(tmp_path: Path) -> None:
     assert [line["it"] for line in finished_lines(result.stdout)] == []  # stopped at the first test, it 5
 
 
+def test_a_partial_last_batch_still_gets_the_epochs_last_line_and_test(tmp_path: Path) -> None:
+    raw = write_kaggle(tmp_path, rows=7 * 100)  # 600 training rows: 9 batches of 64, then 24 samples
+    argv = [*TINY, f"--raw-data-file={raw}", "--print-freq=4", "--test-freq=4", "--test-mini-batch-size=25"]
+    result = run_script(*argv, "--nepochs=2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Breaking out of the epoch as  batch was partial. Number of samples: 24") == 2
+    assert [(line["epoch"], line["it"]) for line in finished_lines(result.stdout)] == [(0, 4), (0, 8), (0, 9)] + [
+        (1, 4),
+        (1, 8),
+        (1, 9),
+    ]
+    assert [t["it"] for t in printed_tests(result.stdout)] == [4, 8, 9, 4, 8, 9]
+
+
+def test_a_test_split_without_a_whole_batch_stops_before_training(tmp_path: Path) -> None:
+    raw = write_kaggle(tmp_path, rows=7 * 100)  # 50 test rows
+    result = run_script(*TINY, f"--raw-data-file={raw}", "--test-freq=4", "--test-mini-batch-size=64")
+    assert result.returncode == 2, result.stderr
+    last_line = result.stderr.splitlines()[-1]  # after preprocessing's progress lines
+    assert last_line.endswith("the test split holds no whole batch of 64 samples") and "Traceback" not in result.stderr
+    assert finished_lines(result.stdout) == []
+
+
 def test_files_in_the_upstream_processed_layout_load_and_train(tmp_path: Path) -> None:
     processed = tmp_path / "kaggleAdDisplayChallenge_processed.npz"
     arrays = write_upstream_processed(processed, rows=7 * 640)

@@ -65,6 +65,14 @@ def test_onnx_export_without_a_file_name_uses_the_originals(tmp_path: Path) -> N
     assert (tmp_path / "dlrm_s_pytorch.onnx").stat().st_size > 0
 
 
+def test_onnx_export_from_a_partial_batch(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    result = run_script(*TINY, "--data-size=3", "--mini-batch-size=4", "--save-onnx", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    difference = re.search(r"largest difference from PyTorch (\S+)", result.stdout)
+    assert difference and float(difference[1]) < 1e-5, result.stdout
+
+
 def test_plot_compute_graph_writes_graphviz_source(tmp_path: Path) -> None:
     pytest.importorskip("torchviz")
     result = run_script(*TINY, "--num-batches=1", "--plot-compute-graph", cwd=tmp_path)
