@@ -1180,8 +1180,10 @@ class Trainer:
             return False
         flag = torch.tensor([self.stop_signal or 0], device=self.backend.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.stop_signal = int(flag.item()) or None
-        return self.stop_signal is not None
+        agreed = int(flag.item())
+        if agreed:  # a signal that lands during the all-reduce stays set for the next agreement
+            self.stop_signal = agreed
+        return bool(agreed)
 
     def train_epoch(self, epoch: int) -> bool:
         """One epoch from the current position; True when the run must stop (a signal or a reached target)."""

@@ -47,28 +47,19 @@ def test_tensorboard_gets_the_same_metrics(tmp_path: Path) -> None:
     assert [round(e.value, 6) for e in losses] == [line["loss"] for line in finished_lines(result.stdout)]
 
 
-def test_onnx_export_matches_pytorch(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "flags, written",
+    [
+        (["--num-batches=3", "--arch-interaction-op=dot", "--arch-mlp-top=14-6-1", "--save-onnx=m.onnx"], "m.onnx"),
+        (["--num-batches=1", "--save-onnx"], "dlrm_s_pytorch.onnx"),  # the original's name
+        (["--data-size=3", "--mini-batch-size=4", "--save-onnx"], "dlrm_s_pytorch.onnx"),  # a partial batch
+    ],
+)
+def test_onnx_export_matches_pytorch(flags: list[str], written: str, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    path = tmp_path / "dlrm.onnx"
-    result = run_script(*TINY, "--num-batches=3", "--arch-interaction-op=dot", "--arch-mlp-top=14-6-1",
-                        "--optimizer=adagrad", "--save-onnx", str(path), cwd=tmp_path)  # fmt: skip
+    result = run_script(*TINY, "--optimizer=adagrad", *flags, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert path.stat().st_size > 0 and f"ONNX model written to {path}" in result.stdout
-    difference = re.search(r"largest difference from PyTorch (\S+)", result.stdout)
-    assert difference and float(difference[1]) < 1e-5, result.stdout
-
-
-def test_onnx_export_without_a_file_name_uses_the_originals(tmp_path: Path) -> None:
-    pytest.importorskip("onnx")
-    result = run_script(*TINY, "--num-batches=1", "--save-onnx", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "dlrm_s_pytorch.onnx").stat().st_size > 0
-
-
-def test_onnx_export_from_a_partial_batch(tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime")
-    result = run_script(*TINY, "--data-size=3", "--mini-batch-size=4", "--save-onnx", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert (tmp_path / written).stat().st_size > 0 and f"ONNX model written to {written}" in result.stdout
     difference = re.search(r"largest difference from PyTorch (\S+)", result.stdout)
     assert difference and float(difference[1]) < 1e-5, result.stdout
 
