@@ -335,8 +335,6 @@ def _check_data_flags(args: argparse.Namespace, parser: argparse.ArgumentParser)
         raise UsageError(f"--max-ind-range: must be positive (or -1: no limit), got {args.max_ind_range}")
     if args.mlperf_bin_shuffle and not args.mlperf_bin_loader:
         raise UsageError("--mlperf-bin-shuffle: applies only with --mlperf-bin-loader")
-    if args.test_mini_batch_size > 0 and args.test_mini_batch_size % args.world_size:
-        raise UsageError(f"--test-mini-batch-size {args.test_mini_batch_size} is not divisible by --world_size")
     for dest in ("mlperf_acc_threshold", "mlperf_auc_threshold"):
         if not 0.0 <= getattr(args, dest) < 1.0:
             raise UsageError(f"--{dest.replace('_', '-')}: must be in [0, 1), got {getattr(args, dest)}")
@@ -394,8 +392,10 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
         raise UsageError("--no-habana: contradicts --device hpu")
     if args.world_size < 1:
         raise UsageError(f"--world_size: must be positive, got {args.world_size}")
-    if args.mini_batch_size % args.world_size:
-        raise UsageError(f"--mini-batch-size {args.mini_batch_size} is not divisible by --world_size {args.world_size}")
+    for flag in ("mini_batch_size", "test_mini_batch_size"):
+        size = getattr(args, flag)
+        if size > 0 and size % args.world_size:
+            raise UsageError(f"--{flag.replace('_', '-')} {size} is not divisible by --world_size {args.world_size}")
     if not 0.0 <= args.loss_threshold < 1.0:
         raise UsageError(f"--loss-threshold: must be in [0, 1), got {args.loss_threshold}")
     if args.measure_perf and args.num_batches <= 0:
@@ -589,12 +589,11 @@ def make_datasets(
 
 def dataset_sizes(args: argparse.Namespace, tables: list[int], dense_features: int) -> Sizes:
     """As in the original, the data decides the tables' rows and the bottom MLP's input width."""
-    decided = {"--arch-embedding-size": (args.arch_embedding_size, list(tables))}
-    decided["--arch-mlp-bot"] = (args.arch_mlp_bot, [dense_features, *args.arch_mlp_bot[1:]])
-    for flag, (given, from_data) in decided.items():
-        if given != from_data:
-            print(f"{flag} {'-'.join(map(str, from_data))}: from the data")
-    args.arch_embedding_size, args.arch_mlp_bot = decided["--arch-embedding-size"][1], decided["--arch-mlp-bot"][1]
+    from_data = {"arch_embedding_size": list(tables), "arch_mlp_bot": [dense_features, *args.arch_mlp_bot[1:]]}
+    for dest, value in from_data.items():
+        if getattr(args, dest) != value:
+            print(f"--{dest.replace('_', '-')} {'-'.join(map(str, value))}: from the data")
+            setattr(args, dest, value)
     sizes = model_sizes(args)
     _check_memory(args, sizes)
     return sizes
@@ -1097,7 +1096,7 @@ class Trainer:
                 for shard, table in zip(model.shards, model.embeddings, strict=True)
                 if table.moments is not None
             },
-            "dense_state": [t.cpu() for t in self.optimizer.accumulators()],
+            "dense_state": {name: t.cpu() for name, t in self.dense_accumulators()},
             "position": vars(self.position),
             "window": torch.stack(window.stats).cpu() if window.stats else torch.empty(0, 3),
             "best": self.best,
@@ -1120,11 +1119,8 @@ class Trainer:
         for shard, table in zip(self.model.shards, self.model.embeddings, strict=True):
             if table.moments is not None:
                 load_tensor(path, "Adagrad state of", str(shard), state["sparse_state"], table.moments)
-        accumulators = self.optimizer.accumulators()
-        saved = dict(enumerate(state["dense_state"]))
-        for index, (name, _) in enumerate(self.model.dense.named_parameters()):
-            if index < len(accumulators):
-                load_tensor(path, f"Adagrad state of {name}, entry", index, saved, accumulators[index])
+        for name, accumulator in self.dense_accumulators():
+            load_tensor(path, "Adagrad state of", name, state["dense_state"], accumulator)
         self.position, self.best = Position(**state["position"]), dict(state["best"])
         self.window.stats = [row.to(self.backend.device) for row in state["window"]]
         set_numpy_rng_state(state["rng"]["numpy"])
@@ -1134,6 +1130,11 @@ class Trainer:
             dist.all_gather_object(iterations, self.position.iteration)
             if len(set(iterations)) > 1:
                 raise CheckpointError(f"--load-model {path}: the ranks' files were saved at iterations {iterations}")
+
+    def dense_accumulators(self) -> Iterator[tuple[str, Tensor]]:
+        """The dense optimizer's Adagrad sums by parameter name (none for SGD)."""
+        names = (name for name, _ in self.model.dense.named_parameters())
+        return zip(names, self.optimizer.accumulators(), strict=False)
 
     def save(self) -> None:
         path = checkpoint_file(self.args.save_model, self.ranks.rank)
@@ -1234,12 +1235,13 @@ class Trainer:
             self.report(done, nbatches, epoch)
         return self.args.test_freq > 0 and done % self.args.test_freq != 0 and self.test(done, epoch)
 
+    def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """(scores, loss, stats) of a batch on the device: the lookups, then the dense path as the loop runs it."""
+        return self.dense_path(batch.dense, self.model.lookup(batch.bags, batch.dense.size(0)), batch.targets)
+
     def step(self, batch: Batch) -> Tensor:
         """One iteration: forward, loss, and when training backward (the sparse updates run inside) and step."""
-        local_batch = batch.dense.size(0)
-        scores, loss, self.last_stats = self.dense_path(
-            batch.dense, self.model.lookup(batch.bags, local_batch), batch.targets
-        )
+        scores, loss, self.last_stats = self.forward(batch)
         if self.args.print_dist_loss:
             print(f" Distributed Loss :: {distributed_loss(loss):.6f}")
         if self.training:
@@ -1309,10 +1311,7 @@ class Trainer:
                 print(f"Breaking out of the epoch as  test batch was partial. Number of samples: {batch.samples}")
                 break
             batch = self.backend.to_device(batch)
-            local_batch = batch.dense.size(0)
-            batch_scores, loss, stats = self.dense_path(
-                batch.dense, self.model.lookup(batch.bags, local_batch), batch.targets
-            )
+            batch_scores, _, stats = self.forward(batch)
             losses.append(stats[0].clone())  # a CUDA graph's outputs are overwritten by its next replay
             correct += stats[1].clone()
             non_finite += stats[2].clone()

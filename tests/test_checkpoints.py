@@ -30,8 +30,9 @@ def assert_same_training_state(a: dict, b: dict) -> None:
         assert torch.equal(a["weights"][name], b["weights"][name]), name
     for name in a["sparse_state"]:
         assert torch.equal(a["sparse_state"][name], b["sparse_state"][name]), name
-    assert len(a["dense_state"]) == len(b["dense_state"])
-    assert all(torch.equal(x, y) for x, y in zip(a["dense_state"], b["dense_state"], strict=True))
+    assert a["dense_state"].keys() == b["dense_state"].keys()
+    for name in a["dense_state"]:
+        assert torch.equal(a["dense_state"][name], b["dense_state"][name]), name
 
 
 @pytest.mark.parametrize("name", CASES)
