@@ -9,7 +9,8 @@ cut into 7 days by line count; Terabyte is ``day_0``, ``day_1``, ... as many as 
 and the concatenated ``--processed-data-file``), so that files made by either implementation serve both. A
 category's id is its position in order of first appearance (days in order, lines in order). The raw text is
 streamed twice through a pool of processes, a chunk at a time: pass 1 learns each feature's vocabulary, pass 2
-writes each day's ids. Both passes save each day atomically, so an interrupted run resumes at the first day it
+writes each day's ids; memory stays bounded however many distinct values the data holds (vocabularies go to disk
+in runs, merged there). Both passes save each day atomically, so an interrupted run resumes at the first day it
 had not finished. ``criteo_datasets`` then serves whole batches: item ``i`` is batch ``i``.
 """
 
@@ -49,6 +50,9 @@ TERABYTE_DAYS = 24
 CHUNK_BYTES = 8 << 20  # raw text handed to a worker at a time
 BLOCK_ROWS = 1 << 18  # rows copied at a time between processed files
 PENDING_VALUES = 1 << 22  # a vocabulary numbers its pending values once it holds at least this many
+RUN_VALUES = 1 << 23  # distinct values (all features together) pass 1 holds in memory before it saves a run
+MERGE_VALUES = 1 << 22  # values a merge of runs holds in memory at a time
+LOOKUP_RESIDENT_BYTES = 1 << 29  # pass 2 keeps lookups up to this size mapped; larger ones only while in use
 
 Batch = tuple[Tensor, list[Tensor], list[Tensor], Tensor]
 
@@ -95,8 +99,12 @@ class CriteoFiles:
         return Path(f"{prefix}_{day}_processed.npz")
 
     def day_progress_file(self, day: int) -> Path:
-        """Pass 1's state after a day: the values first seen that day (removed once pass 1 is done)."""
-        return Path(str(self.day_file(day)).replace("_processed.npz", "_new_values.npz"))
+        """Pass 1's record of a finished day: its rows and runs (removed once pass 1 is done)."""
+        return Path(str(self.day_file(day)).replace("_processed.npz", "_vocabulary.npz"))
+
+    def run_file(self, day: int, run: int) -> Path:
+        """A run of pass 1: the distinct values of a stretch of the day's lines (removed once pass 1 is done)."""
+        return Path(str(self.day_file(day)).replace("_processed.npz", f"_vocabulary_{run}.npz"))
 
     @property
     def counts_file(self) -> Path:
@@ -108,6 +116,10 @@ class CriteoFiles:
 
     def dictionary_file(self, feature: int) -> Path:
         return Path(f"{self.stem}_fea_dict_{feature}.npz")
+
+    def lookup_file(self, feature: int) -> Path:
+        """Ours only: the feature's values sorted, with their ids, for pass 2."""
+        return Path(f"{self.stem}_fea_lookup_{feature}.npz")
 
     def bin_file(self, split: str) -> Path:
         return self.processed.with_name(f"{self.processed.name.split('.')[0]}_{split}.bin")
@@ -325,14 +337,15 @@ def _preprocess(args: argparse.Namespace, files: CriteoFiles) -> None:
         )
     missing = {day: chunks for day, chunks in enumerate(days) if not files.day_file(day).exists()}
     if missing:
-        lookups = [IdLookup(_load_dictionary(files, j)) for j in range(SPARSE_FEATURES)]
-        _write_days(files, missing, rows_per_day, lookups, options, workers, bad_lines)
+        _write_days(files, missing, rows_per_day, options, workers, bad_lines)
     bad_lines.report(files.require_raw("the raw data"))
 
 
 def _vocabulary_files(files: CriteoFiles) -> list[Path]:
+    """What pass 1 writes: the dictionaries and day counts the original wrote too, and the lookups pass 2 reads."""
     dictionaries = [files.dictionary_file(j) for j in range(SPARSE_FEATURES)]
-    return [files.day_count_file, *dictionaries, files.counts_file]
+    lookups = [files.lookup_file(j) for j in range(SPARSE_FEATURES)]
+    return [files.day_count_file, *dictionaries, *lookups, files.counts_file]
 
 
 def _day_chunks(files: CriteoFiles) -> list[list[Chunk]]:
@@ -428,20 +441,25 @@ def _in_order(pool: multiprocessing.pool.Pool, function: Callable, tasks: list, 
 
 
 # Pass 1: vocabularies ------------------------------------------------------------------------------------
+#
+# A value's id is its rank in order of first appearance. Pass 1 holds at most about RUN_VALUES distinct values in
+# memory: it saves each day's values as runs (a run: the distinct values of consecutive lines, in order of
+# appearance), then merges each feature's runs on disk into its dictionary (the values in id order) and its lookup
+# (the values sorted, with their ids) for pass 2. So memory stays bounded however many distinct values there are.
 
 
 class Vocabulary:
-    """One categorical feature's distinct values, numbered in order of first appearance."""
+    """One categorical feature's distinct values in a run, in order of first appearance."""
 
     def __init__(self) -> None:
         self.sorted_values = np.empty(0, np.uint32)  # every numbered value, for membership tests
-        self.numbered: list[np.ndarray] = []  # the numbered values in id order, one array per numbering
+        self.numbered: list[np.ndarray] = []  # the numbered values in order, one array per numbering
         self.pending: list[np.ndarray] = []  # values seen since the last numbering, each in order of appearance
         self.pending_size = 0
 
     def __len__(self) -> int:
-        """Values numbered so far."""
-        return self.sorted_values.size
+        """Values held, counting pending ones (which may repeat)."""
+        return self.sorted_values.size + self.pending_size
 
     def add(self, values: np.ndarray) -> None:
         """Values in order of first appearance, all seen after everything added before."""
@@ -451,23 +469,16 @@ class Vocabulary:
             self.number_pending()
 
     def number_pending(self) -> None:
-        """Give the pending values not seen before the next ids."""
-        values = _first_appearances(np.concatenate([np.empty(0, np.uint32), *self.pending]))
-        self.extend(values[~_contains(self.sorted_values, values)])
+        """Append the pending values not seen before."""
+        distinct, first = np.unique(np.concatenate([np.empty(0, np.uint32), *self.pending]), return_index=True)
+        unseen = ~_contains(self.sorted_values, distinct)
+        new, first = distinct[unseen], first[unseen]
+        self.numbered.append(new[np.argsort(first)])
+        self.sorted_values = np.insert(self.sorted_values, np.searchsorted(self.sorted_values, new), new)
         self.pending, self.pending_size = [], 0
 
-    def values_since(self, size: int) -> np.ndarray:
-        """Number the pending values; return those numbered since the vocabulary had ``size`` values, in id order."""
+    def values_in_order(self) -> np.ndarray:
         self.number_pending()
-        return self.values_by_id()[size:]
-
-    def extend(self, new: np.ndarray) -> None:
-        """Number values known to be new, in order."""
-        self.numbered.append(new)
-        ordered = np.sort(new)
-        self.sorted_values = np.insert(self.sorted_values, np.searchsorted(self.sorted_values, ordered), ordered)
-
-    def values_by_id(self) -> np.ndarray:
         return np.concatenate([np.empty(0, np.uint32), *self.numbered])
 
 
@@ -478,6 +489,7 @@ def _first_appearances(values: np.ndarray) -> np.ndarray:
 
 
 def _contains(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Whether each value is in ``sorted_values``; fastest with the values sorted too."""
     if not sorted_values.size:
         return np.zeros(values.shape, bool)
     at = np.minimum(np.searchsorted(sorted_values, values), sorted_values.size - 1)
@@ -504,74 +516,195 @@ def _chunk_vocabulary(options: ParseOptions, chunk: Chunk) -> ChunkVocabulary:
 def _learn_vocabularies(
     files: CriteoFiles, days: list[list[Chunk]], options: ParseOptions, workers: int, bad_lines: BadLines
 ) -> None:
-    """Pass 1: number every feature's values, day by day; save each day's new values, then the dictionaries."""
-    vocabularies = [Vocabulary() for _ in range(SPARSE_FEATURES)]
-    rows_per_day = []
+    """Pass 1: save each day's runs, then merge them into every feature's dictionary and lookup."""
+    rows_per_day, runs = [], []
     resume_at = next((day for day in range(len(days)) if not files.day_progress_file(day).exists()), len(days))
     for day in range(resume_at):
-        rows_per_day.append(_load_day_progress(files.day_progress_file(day), vocabularies, day, bad_lines))
+        rows, day_runs = _load_day_progress(files, day, bad_lines)
+        rows_per_day.append(rows)
+        runs += day_runs
     chunks = [chunk for day_chunks in days[resume_at:] for chunk in day_chunks]
     progress = Progress("Pass 1/2, vocabularies", sum(chunk.lines for chunk in chunks))
     with _worker_pool(workers) as pool:
         results = _in_order(pool, partial(_chunk_vocabulary, options), chunks, ahead=2 * workers)
         for day in range(resume_at, len(days)):
             rows, bad, problem = 0, 0, ""
-            sizes = [len(vocabulary) for vocabulary in vocabularies]
+            run, day_runs = [Vocabulary() for _ in range(SPARSE_FEATURES)], []
             for result in itertools.islice(results, len(days[day])):
-                for vocabulary, values in zip(vocabularies, result.values, strict=True):
+                for vocabulary, values in zip(run, result.values, strict=True):
                     vocabulary.add(values)
                 rows, bad, problem = rows + result.rows, bad + result.bad_lines, problem or result.problem
                 progress.add(result.lines)
-            new_values = [vocabulary.values_since(size) for vocabulary, size in zip(vocabularies, sizes, strict=True)]
-            _save_day_progress(files.day_progress_file(day), new_values, rows, bad, problem)
+                if sum(len(vocabulary) for vocabulary in run) >= RUN_VALUES:
+                    day_runs.append(_save_run(files.run_file(day, len(day_runs)), run))
+                    run = [Vocabulary() for _ in range(SPARSE_FEATURES)]
+            if any(len(vocabulary) for vocabulary in run):
+                day_runs.append(_save_run(files.run_file(day, len(day_runs)), run))
+            _save_day_progress(files.day_progress_file(day), len(day_runs), rows, bad, problem)
             bad_lines.record(day, bad, problem)
             rows_per_day.append(rows)
-    progress.close()
-    _save_vocabularies(files, vocabularies, rows_per_day)
-
-
-def _save_day_progress(path: Path, new_values: list[np.ndarray], rows: int, bad: int, problem: str) -> None:
-    features = {f"C{j + 1}": values for j, values in enumerate(new_values)}
-    counts = {"rows": np.array(rows), "bad_lines": np.array(bad), "problem": np.array(problem)}
-    _write_npz(path, {**features, **counts})
-
-
-def _load_day_progress(path: Path, vocabularies: list[Vocabulary], day: int, bad_lines: BadLines) -> int:
-    with np.load(path) as data:
-        for j, vocabulary in enumerate(vocabularies):
-            vocabulary.extend(data[f"C{j + 1}"])
-        bad_lines.record(day, int(data["bad_lines"]), str(data["problem"]))
-        return int(data["rows"])
-
-
-def _save_vocabularies(files: CriteoFiles, vocabularies: list[Vocabulary], rows_per_day: list[int]) -> None:
-    """The original's dictionary files (values as the int32 it stored), the day counts, and the counts last."""
+            runs += day_runs
+        progress.close()
+        _status(f"Merging the vocabularies of {len(runs)} run(s)")
+        counts = pool.map(partial(_merge_runs, files, runs), range(SPARSE_FEATURES), chunksize=1)
     _write_npz(files.day_count_file, {"total_per_file": np.array(rows_per_day, np.int64)})
-    for j, vocabulary in enumerate(vocabularies):
-        _write_npz(files.dictionary_file(j), {"unique": vocabulary.values_by_id().view(np.int32)})
-    counts = np.array([len(vocabulary) for vocabulary in vocabularies], np.int32)
-    _write_npz(files.counts_file, {"counts": counts})
-    for day in range(len(rows_per_day)):
-        files.day_progress_file(day).unlink(missing_ok=True)
+    _write_npz(files.counts_file, {"counts": np.array(counts, np.int32)})  # the last vocabulary file
+    for path in [*runs, *(files.day_progress_file(day) for day in range(len(days)))]:
+        path.unlink()
 
 
-def _load_dictionary(files: CriteoFiles, feature: int) -> np.ndarray:
-    path = files.dictionary_file(feature)
-    _check_arrays(path, {"unique": (None,)})
+def _save_run(path: Path, run: list[Vocabulary]) -> Path:
+    """Each feature's values, in order of appearance (``C<j>``) and sorted (``S<j>``)."""
+    members = {}
+    for j, vocabulary in enumerate(run, start=1):
+        members[f"C{j}"] = vocabulary.values_in_order()
+        members[f"S{j}"] = vocabulary.sorted_values
+    _write_npz(path, members)
+    return path
+
+
+def _save_day_progress(path: Path, runs: int, rows: int, bad: int, problem: str) -> None:
+    counts = {"runs": np.array(runs), "rows": np.array(rows), "bad_lines": np.array(bad), "problem": np.array(problem)}
+    _write_npz(path, counts)
+
+
+def _load_day_progress(files: CriteoFiles, day: int, bad_lines: BadLines) -> tuple[int, list[Path]]:
+    """The day's rows and runs, as pass 1 saved them."""
+    path = files.day_progress_file(day)
+    _check_arrays(path, {"runs": (), "rows": (), "bad_lines": (), "problem": ()})
     with np.load(path) as data:
-        return data["unique"].astype(np.uint32)  # int32 wraps back to the 32-bit hash
+        runs = [files.run_file(day, k) for k in range(int(data["runs"]))]
+        bad_lines.record(day, int(data["bad_lines"]), str(data["problem"]))
+        rows = int(data["rows"])
+    for run in runs:
+        _check_arrays(run, {"C1": (None,), "S1": (None,)})
+    return rows, runs
+
+
+def _merge_runs(files: CriteoFiles, runs: list[Path], feature: int) -> int:
+    """Write a feature's dictionary and lookup from its runs; return its number of distinct values."""
+    with tempfile.TemporaryDirectory(dir=files.stem.parent, prefix=f".{files.stem.name}_merge_{feature}.") as work:
+        new_files = [Path(work) / f"new_{k}" for k in range(len(runs))]
+        id_files = [Path(work) / f"ids_{k}" for k in range(len(runs))]
+        block = max(1, MERGE_VALUES // max(1, len(runs)))
+        _mark_new_values(runs, f"S{feature + 1}", new_files, block)
+        dictionary = Path(work) / "dictionary"
+        count = _number_new_values(runs, f"C{feature + 1}", new_files, id_files, dictionary)
+        _write_npz(files.dictionary_file(feature), {"unique": ((count,), np.dtype(np.int32), _file_blocks(dictionary))})
+        lookup = {"values": Path(work) / "values", "ids": Path(work) / "ids"}
+        _merge_ids(id_files, lookup, block)
+        members = {
+            "values": ((count,), np.dtype(np.uint32), _file_blocks(lookup["values"])),
+            "ids": ((count,), np.dtype(np.int32), _file_blocks(lookup["ids"])),
+        }
+        _write_npz(files.lookup_file(feature), members)
+    return count
+
+
+def _mark_new_values(runs: list[Path], sorted_column: str, new_files: list[Path], block: int) -> None:
+    """For each run, in its sorted order, whether each value is new there: held by no earlier run."""
+    outputs = [_Appender(path, block) for path in new_files]
+    streams = [_stored_blocks(run, sorted_column, block) for run in runs]
+    for window in _aligned_windows(streams, block, np.dtype(np.uint32)):
+        values = np.concatenate(window)
+        order = np.argsort(values, kind="stable")  # a value's copies in run order: the earliest run first
+        ordered = values[order]
+        new = np.empty(values.size, bool)
+        new[order] = np.concatenate(([True], ordered[1:] != ordered[:-1]))
+        for output, part in zip(outputs, np.split(new, np.cumsum([w.size for w in window])[:-1]), strict=True):
+            output.write(part)
+    for output in outputs:
+        output.flush()
+
+
+class _Appender:
+    """A file written in blocks, open only while one is appended, so that a merge of many runs holds no files
+    open."""
+
+    def __init__(self, path: Path, block: int) -> None:
+        self.path, self.block, self.parts, self.size = path, block, [], 0
+        path.write_bytes(b"")
+
+    def write(self, values: np.ndarray) -> None:
+        self.parts.append(values.copy())  # not a view: that would keep the whole array it came from
+        self.size += values.size
+        if self.size >= self.block:
+            self.flush()
+
+    def flush(self) -> None:
+        with open(self.path, "ab") as f:
+            for part in self.parts:
+                f.write(part.tobytes())
+        self.parts, self.size = [], 0
+
+
+def _number_new_values(
+    runs: list[Path], column: str, new_files: list[Path], id_files: list[Path], dictionary: Path
+) -> int:
+    """Give each run's new values, in order of appearance, the next ids: append them to the dictionary (as the
+    original's int32) and write them sorted with their ids, as (value << 32 | id) keys. Return the values numbered."""
+    count = 0
+    with open(dictionary, "wb") as out:
+        for run, new_file, id_file in zip(runs, new_files, id_files, strict=True):
+            with np.load(run) as data:
+                in_order = data[column]
+            by_value = np.argsort(in_order)  # the run's sorted order, as positions in order of appearance
+            new_by_value = np.fromfile(new_file, bool)
+            new = np.empty_like(new_by_value)
+            new[by_value] = new_by_value
+            ids = count - 1 + np.cumsum(new, dtype=np.int64)
+            out.write(in_order[new].view(np.int32).tobytes())
+            numbered = by_value[new_by_value]
+            keys = (in_order[numbered].astype(np.uint64) << np.uint64(32)) | ids[numbered].astype(np.uint64)
+            keys.tofile(id_file)
+            count += numbered.size
+    return count
+
+
+def _merge_ids(id_files: list[Path], lookup: dict[str, Path], block: int) -> None:
+    """Merge the runs' (value << 32 | id) keys, each run's sorted and no value in two runs, into the lookup's
+    ``values`` (sorted) and ``ids``."""
+    with open(lookup["values"], "wb") as values, open(lookup["ids"], "wb") as ids:
+        key = np.dtype(np.uint64)
+        streams = [_file_values(path, key, 0, path.stat().st_size // key.itemsize, block) for path in id_files]
+        for window in _aligned_windows(streams, block, np.dtype(np.uint64)):
+            keys = np.sort(np.concatenate(window))
+            values.write((keys >> np.uint64(32)).astype(np.uint32).tobytes())
+            ids.write((keys & np.uint64(0xFFFFFFFF)).astype(np.int32).tobytes())
+
+
+def _aligned_windows(streams: list[Iterator[np.ndarray]], block: int, dtype: np.dtype) -> Iterator[list[np.ndarray]]:
+    """Strictly increasing streams (each given as blocks) cut at common bounds: each window holds every stream's
+    next values up to one bound, so all copies of a value arrive in the same window. A stream holds at most two
+    blocks in memory at a time."""
+    buffers = [np.empty(0, dtype) for _ in streams]
+    ended = [False] * len(streams)
+    while True:
+        for k, stream in enumerate(streams):
+            while not ended[k] and buffers[k].size < block:
+                more = next(stream, None)
+                if more is None:
+                    ended[k] = True
+                else:
+                    buffers[k] = np.concatenate((buffers[k], more))
+        if all(ended) and not any(buffer.size for buffer in buffers):
+            return
+        unread_beyond = [buffer[-1] for buffer, done in zip(buffers, ended, strict=True) if not done]
+        bound = min(unread_beyond) if unread_beyond else None
+        cuts = [buffer.size if bound is None else int(np.searchsorted(buffer, bound, "right")) for buffer in buffers]
+        yield [buffer[:cut] for buffer, cut in zip(buffers, cuts, strict=True)]
+        buffers = [buffer[cut:] for buffer, cut in zip(buffers, cuts, strict=True)]
 
 
 # Pass 2: ids ---------------------------------------------------------------------------------------------
 
 
 class IdLookup:
-    """Value -> id for one feature."""
+    """Value -> id for one feature, memory-mapped from its lookup file."""
 
-    def __init__(self, values_by_id: np.ndarray) -> None:
-        order = np.argsort(values_by_id, kind="stable")
-        self.sorted_values = values_by_id[order]
-        self.ids = order.astype(np.int32)
+    def __init__(self, path: Path) -> None:
+        self.sorted_values = _map_array(path, "values")
+        self.ids = _map_array(path, "ids")
 
     def __call__(self, values: np.ndarray) -> np.ndarray | None:
         """The values' ids, or None when a value is not in the vocabulary."""
@@ -579,16 +712,35 @@ class IdLookup:
             return np.empty(0, np.int32)
         if not self.sorted_values.size:
             return None
-        at = np.minimum(np.searchsorted(self.sorted_values, values), self.sorted_values.size - 1)
-        return self.ids[at] if np.array_equal(self.sorted_values[at], values) else None
+        order = np.argsort(values)  # searching in sorted order touches the lookup's memory in order: faster
+        queries = values[order]
+        at = np.minimum(np.searchsorted(self.sorted_values, queries), self.sorted_values.size - 1)
+        if not np.array_equal(self.sorted_values[at], queries):
+            return None
+        ids = np.empty(values.shape, np.int32)
+        ids[order] = self.ids[at]
+        return ids
 
 
-_worker_lookups: list[IdLookup] = []
+class Lookups:
+    """Every feature's lookup, in a pass-2 worker. Mapped pages count as the worker's resident memory, so lookups
+    larger than LOOKUP_RESIDENT_BYTES in all are mapped for one feature of one chunk at a time, then let go."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        resident = sum(path.stat().st_size for path in paths) <= LOOKUP_RESIDENT_BYTES
+        self.kept = [IdLookup(path) for path in paths] if resident else None
+
+    def __getitem__(self, feature: int) -> IdLookup:
+        return self.kept[feature] if self.kept else IdLookup(self.paths[feature])
 
 
-def _set_worker_lookups(lookups: list[IdLookup]) -> None:
+_worker_lookups: Lookups | None = None
+
+
+def _set_worker_lookups(paths: list[Path]) -> None:
     global _worker_lookups
-    _worker_lookups = lookups
+    _worker_lookups = Lookups(paths)
 
 
 @dataclass
@@ -607,8 +759,8 @@ class ChunkRows:
 def _chunk_rows(options: ParseOptions, chunk: Chunk) -> ChunkRows:
     rows, bad_lines, problem = _read_chunk(chunk, options)
     ids = np.empty(rows.categorical.shape, np.int32)
-    for j, lookup in enumerate(_worker_lookups):
-        column_ids = lookup(rows.categorical[:, j])
+    for j in range(SPARSE_FEATURES):
+        column_ids = _worker_lookups[j](rows.categorical[:, j])
         if column_ids is None:
             return ChunkRows(rows.labels, rows.dense, ids, chunk.lines, bad_lines, problem, unknown_feature=j)
         ids[:, j] = column_ids
@@ -619,7 +771,6 @@ def _write_days(
     files: CriteoFiles,
     days: dict[int, list[Chunk]],
     rows_per_day: list[int],
-    lookups: list[IdLookup],
     options: ParseOptions,
     workers: int,
     bad_lines: BadLines,
@@ -627,6 +778,7 @@ def _write_days(
     """Pass 2: map the given days' values to ids and write their processed files."""
     chunks = [chunk for day_chunks in days.values() for chunk in day_chunks]
     progress = Progress("Pass 2/2, ids", sum(chunk.lines for chunk in chunks))
+    lookups = [files.lookup_file(j) for j in range(SPARSE_FEATURES)]
     with _worker_pool(workers, _set_worker_lookups, (lookups,)) as pool:
         results = _in_order(pool, partial(_chunk_rows, options), chunks, ahead=2 * workers)
         for day, day_chunks in days.items():
@@ -637,7 +789,7 @@ def _write_days(
                     if result.unknown_feature is not None:
                         raise DataError(
                             f"{chunk.path}: a C{result.unknown_feature + 1} value is not in "
-                            f"{files.dictionary_file(result.unknown_feature)}: the dictionaries were made from other "
+                            f"{files.lookup_file(result.unknown_feature)}: the vocabularies were made from other "
                             "data or flags (--max-ind-range, --data-sub-sample-rate); delete them to start over"
                         )
                     writer.append(result)
@@ -910,13 +1062,13 @@ def _check_day(path: Path, rows: int) -> None:
     _check_arrays(path, {"y": (rows,), "X_int": (rows, DENSE_FEATURES), "X_cat": (rows, SPARSE_FEATURES)})
 
 
-def _member_blocks(path: Path, name: str, dtype: type) -> Iterator[np.ndarray]:
-    """An array of an npz file (compressed or not), BLOCK_ROWS rows at a time, as ``dtype``."""
+def _member_blocks(path: Path, name: str, dtype: type, block_rows: int) -> Iterator[np.ndarray]:
+    """An array of an npz file (compressed or not), ``block_rows`` rows at a time, as ``dtype``."""
     with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as stream:
         shape, stored = _npy_header(stream, path, name)
         row_bytes = stored.itemsize * math.prod(shape[1:])
-        for start in range(0, shape[0], BLOCK_ROWS):
-            rows = min(BLOCK_ROWS, shape[0] - start)
+        for start in range(0, shape[0], block_rows):
+            rows = min(block_rows, shape[0] - start)
             data = stream.read(rows * row_bytes)
             if len(data) != rows * row_bytes:
                 raise DataError(f"{path}: array {name} is truncated")
@@ -929,7 +1081,7 @@ def _concatenate(day_files: list[Path], rows_per_day: list[int], counts: list[in
 
     def blocks(name: str) -> Iterator[np.ndarray]:
         for day_file in day_files:
-            yield from _member_blocks(day_file, name, np.int32)
+            yield from _member_blocks(day_file, name, np.int32, BLOCK_ROWS)
 
     int32 = np.dtype(np.int32)
     members = {
@@ -956,6 +1108,14 @@ def _store_uncompressed(path: Path) -> None:
 
 def _map_array(path: Path, name: str) -> np.ndarray:
     """An array of an uncompressed npz, memory-mapped read-only."""
+    offset, shape, dtype = _array_location(path, name)
+    if math.prod(shape) == 0:
+        return np.empty(shape, dtype)
+    return np.memmap(path, dtype, "r", offset, shape)
+
+
+def _array_location(path: Path, name: str) -> tuple[int, tuple[int, ...], np.dtype]:
+    """Where an array of an uncompressed npz starts in the file; its shape and dtype."""
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo(f"{name}.npy")
     with open(path, "rb") as f:
@@ -963,10 +1123,20 @@ def _map_array(path: Path, name: str) -> np.ndarray:
         name_length, extra_length = struct.unpack("<26xHH", f.read(30))  # the zip local file header
         f.seek(info.header_offset + 30 + name_length + extra_length)
         shape, dtype = _npy_header(f, path, name)
-        offset = f.tell()
-    if math.prod(shape) == 0:
-        return np.empty(shape, dtype)
-    return np.memmap(path, dtype, "r", offset, shape)
+        return f.tell(), shape, dtype
+
+
+def _stored_blocks(path: Path, name: str, block: int) -> Iterator[np.ndarray]:
+    """A 1-d array of an uncompressed npz, ``block`` values at a time."""
+    offset, (length,), dtype = _array_location(path, name)
+    yield from _file_values(path, dtype, offset, length, block)
+
+
+def _file_values(path: Path, dtype: np.dtype, offset: int, length: int, block: int) -> Iterator[np.ndarray]:
+    """``length`` values stored from ``offset``, ``block`` at a time. The file is open only while a block is read,
+    so that a merge of many runs holds no files open."""
+    for start in range(0, length, block):
+        yield np.fromfile(path, dtype, min(block, length - start), offset=offset + start * dtype.itemsize)
 
 
 # ---------------------------------------------------------------------------------------------------------

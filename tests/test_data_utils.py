@@ -1,7 +1,9 @@
 """Criteo data: raw text to the original's processed files, and processed files to batches."""
 
 import argparse
+import itertools
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -40,9 +42,13 @@ def make_args(raw: Path | str = "", **overrides) -> argparse.Namespace:
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Chunks and vocabulary batches far smaller than the data, so that their boundaries are exercised."""
+    """Chunks, vocabulary batches, runs and merge windows far smaller than the data, and lookups mapped only while
+    in use, so that every boundary and both ways of looking ids up are exercised."""
     monkeypatch.setattr(data_utils, "CHUNK_BYTES", 20_000)
     monkeypatch.setattr(data_utils, "PENDING_VALUES", 64)
+    monkeypatch.setattr(data_utils, "RUN_VALUES", 2_000)
+    monkeypatch.setattr(data_utils, "MERGE_VALUES", 3_000)
+    monkeypatch.setattr(data_utils, "LOOKUP_RESIDENT_BYTES", 0)
     monkeypatch.setattr(data_utils, "BLOCK_ROWS", 100)
 
 
@@ -106,7 +112,7 @@ def test_kaggle_file_becomes_seven_days_with_first_appearance_ids(tmp_path: Path
     assert load(tmp_path / "train_fea_count.npz")["counts"].tolist() == processed.counts
     for day in range(7):
         assert len(load(tmp_path / f"train_day_{day}_processed.npz")["y"]) == processed.rows_per_day[day]
-    assert not list(tmp_path.glob("*new_values*")) and not temporary_files(tmp_path)
+    assert not list(tmp_path.glob("*_vocabulary*")) and not temporary_files(tmp_path)
 
 
 def test_terabyte_days_and_the_splits(tmp_path: Path) -> None:
@@ -360,7 +366,7 @@ def test_interrupted_first_pass_resumes_at_the_day_it_stopped(tmp_path: Path, ca
     args = make_args(raw, data_set="terabyte")
     with pytest.raises(DataError, match="day_2:11: expected 40"):
         data_utils.prepare(args)
-    assert sorted(p.name for p in tmp_path.glob("*new_values*")) == ["day_0_new_values.npz", "day_1_new_values.npz"]
+    assert sorted(p.name for p in tmp_path.glob("*_vocabulary.npz")) == ["day_0_vocabulary.npz", "day_1_vocabulary.npz"]
     (tmp_path / "day_2").write_text(good_day)
     capsys.readouterr()
 
@@ -368,7 +374,68 @@ def test_interrupted_first_pass_resumes_at_the_day_it_stopped(tmp_path: Path, ca
     assert "Pass 1/2, vocabularies: 200/200 lines" in capsys.readouterr().err
     expected = read_raw([tmp_path / f"day_{day}" for day in range(4)])
     np.testing.assert_array_equal(load(tmp_path / "terabyte_processed.npz")["X_cat"], expected["X_cat"])
-    assert not list(tmp_path.glob("*new_values*"))
+    assert not list(tmp_path.glob("*_vocabulary*"))
+
+
+@pytest.mark.parametrize("run_values, merge_values", [(1, 1), (500, 7), (10**9, 10**9)])
+def test_ids_do_not_depend_on_how_pass_1_cuts_the_values_into_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, run_values: int, merge_values: int
+) -> None:
+    monkeypatch.setattr(data_utils, "RUN_VALUES", run_values)
+    monkeypatch.setattr(data_utils, "MERGE_VALUES", merge_values)
+    raw = write_terabyte(tmp_path, days=3, rows_per_day=200)
+    data_utils.prepare(make_args(raw, data_set="terabyte"))
+
+    runs = int(re.search(r"Merging the vocabularies of (\d+) run", capsys.readouterr().out).group(1))
+    chunks_per_day = math.ceil((tmp_path / "day_0").stat().st_size / data_utils.CHUNK_BYTES)
+    assert runs == {1: 3 * chunks_per_day, 500: runs, 10**9: 3}[run_values] and runs >= 3
+    expected = read_raw([tmp_path / f"day_{day}" for day in range(3)])
+    np.testing.assert_array_equal(load(tmp_path / "terabyte_processed.npz")["X_cat"], expected["X_cat"])
+    for j, values in enumerate(expected["values"]):
+        np.testing.assert_array_equal(load(tmp_path / f"day_fea_dict_{j}.npz")["unique"], values.astype(np.int32))
+        lookup = load(tmp_path / f"day_fea_lookup_{j}.npz")
+        np.testing.assert_array_equal(lookup["values"], np.sort(values))
+        np.testing.assert_array_equal(lookup["ids"], np.argsort(values))
+    assert not list(tmp_path.glob("*_vocabulary*")) and not temporary_files(tmp_path)
+
+
+def test_aligned_windows_hold_every_copy_of_a_value_together() -> None:
+    generator = np.random.default_rng(0)
+    runs = [np.unique(generator.integers(0, 500, size)).astype(np.uint32) for size in (0, 1, 40, 300, 700)]
+    streams = [iter(np.array_split(run, max(1, run.size // 13))) for run in runs]
+    windows = list(data_utils._aligned_windows(streams, 13, np.dtype(np.uint32)))
+
+    for k, run in enumerate(runs):  # every stream's values, in order, exactly once
+        np.testing.assert_array_equal(np.concatenate([window[k] for window in windows]), run)
+    for earlier, later in itertools.pairwise(windows):  # windows never share a value, and each starts past the last
+        assert max(part.max() for part in earlier if part.size) < min(part.min() for part in later if part.size)
+    assert all(part.size <= 2 * 13 for window in windows for part in window)
+
+
+def test_interrupted_merge_resumes_without_reading_the_raw_data_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    raw = write_terabyte(tmp_path, days=3, rows_per_day=100)
+    args = make_args(raw, data_set="terabyte")
+    status = data_utils._status
+
+    def interrupt_the_merge(message: str) -> None:
+        if message.startswith("Merging"):
+            raise Interrupted
+        status(message)
+
+    monkeypatch.setattr(data_utils, "_status", interrupt_the_merge)
+    with pytest.raises(Interrupted):
+        data_utils.prepare(args)
+    assert len(list(tmp_path.glob("day_*_vocabulary.npz"))) == 3 and not list(tmp_path.glob("*_fea_*"))
+    monkeypatch.setattr(data_utils, "_status", status)
+    capsys.readouterr()
+
+    data_utils.prepare(args)
+    assert "Pass 1/2, vocabularies: 0/0 lines" in capsys.readouterr().err
+    expected = read_raw([tmp_path / f"day_{day}" for day in range(3)])
+    np.testing.assert_array_equal(load(tmp_path / "terabyte_processed.npz")["X_cat"], expected["X_cat"])
+    assert not list(tmp_path.glob("*_vocabulary*")) and not temporary_files(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------
