@@ -27,6 +27,7 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import re
+import shutil
 import struct
 import sys
 import tempfile
@@ -52,7 +53,11 @@ BLOCK_ROWS = 1 << 18  # rows copied at a time between processed files
 PENDING_VALUES = 1 << 22  # a vocabulary numbers its pending values once it holds at least this many
 RUN_VALUES = 1 << 23  # distinct values (all features together) pass 1 holds in memory before it saves a run
 MERGE_VALUES = 1 << 22  # values a merge of runs holds in memory at a time
+PROCESSES = 8  # at most this many worker processes preprocess (one per core up to that): memory grows with them
+MERGE_PROCESSES = 2  # processes that merge runs at the same time (each holds up to a run of one feature)
 LOOKUP_RESIDENT_BYTES = 1 << 29  # pass 2 keeps lookups up to this size mapped; larger ones only while in use
+MAPPED_BYTES = 1 << 27  # what a lookup that is not kept mapped may map at a time
+FAULT_AROUND_BYTES = 64 << 10  # the kernel maps up to this much around each page of a file read through a map
 
 Batch = tuple[Tensor, list[Tensor], list[Tensor], Tensor]
 
@@ -99,12 +104,21 @@ class CriteoFiles:
         return Path(f"{prefix}_{day}_processed.npz")
 
     def day_progress_file(self, day: int) -> Path:
-        """Pass 1's record of a finished day: its rows and runs (removed once pass 1 is done)."""
-        return Path(str(self.day_file(day)).replace("_processed.npz", "_vocabulary.npz"))
+        """Pass 1's record of a finished day: its rows and how many runs it saved."""
+        return Path(str(self.day_file(day)).replace("_processed.npz", "_runs.npz"))
 
     def run_file(self, day: int, run: int) -> Path:
-        """A run of pass 1: the distinct values of a stretch of the day's lines (removed once pass 1 is done)."""
-        return Path(str(self.day_file(day)).replace("_processed.npz", f"_vocabulary_{run}.npz"))
+        """A run of pass 1: the distinct values of a stretch of the day's lines."""
+        return Path(str(self.day_file(day)).replace("_processed.npz", f"_run_{run}.npz"))
+
+    def pass_1_files(self, day: int) -> list[Path]:
+        """The day's progress file and runs, however many there are (all removed once pass 1 is done)."""
+        return list(self.day_file(day).parent.glob(self.day_file(day).name.replace("_processed.npz", "_run*.npz")))
+
+    @property
+    def merge_directory(self) -> Path:
+        """Where the merges of pass 1 work (removed before and after)."""
+        return self.stem.parent / f".{self.stem.name}_merge"
 
     @property
     def counts_file(self) -> Path:
@@ -326,9 +340,12 @@ def _preprocess(args: argparse.Namespace, files: CriteoFiles) -> None:
     options = ParseOptions(args.max_ind_range, args.data_sub_sample_rate, args.numpy_rand_seed, args.skip_bad_lines)
     days = _day_chunks(files)
     bad_lines = BadLines()
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(cores, PROCESSES)
     if not all(path.exists() for path in _vocabulary_files(files)):
         _learn_vocabularies(files, days, options, workers, bad_lines)
+    for path in (path for day in range(len(days)) for path in files.pass_1_files(day)):
+        path.unlink()
     rows_per_day = _load_day_counts(files)
     if len(rows_per_day) != len(days):
         raise DataError(
@@ -337,15 +354,15 @@ def _preprocess(args: argparse.Namespace, files: CriteoFiles) -> None:
         )
     missing = {day: chunks for day, chunks in enumerate(days) if not files.day_file(day).exists()}
     if missing:
+        _make_missing_lookups(files, workers)
         _write_days(files, missing, rows_per_day, options, workers, bad_lines)
     bad_lines.report(files.require_raw("the raw data"))
 
 
 def _vocabulary_files(files: CriteoFiles) -> list[Path]:
-    """What pass 1 writes: the dictionaries and day counts the original wrote too, and the lookups pass 2 reads."""
+    """What pass 1 leaves that the original's preprocessing left too (ours also leaves the lookups)."""
     dictionaries = [files.dictionary_file(j) for j in range(SPARSE_FEATURES)]
-    lookups = [files.lookup_file(j) for j in range(SPARSE_FEATURES)]
-    return [files.day_count_file, *dictionaries, *lookups, files.counts_file]
+    return [files.day_count_file, *dictionaries, files.counts_file]
 
 
 def _day_chunks(files: CriteoFiles) -> list[list[Chunk]]:
@@ -424,7 +441,7 @@ class Progress:
 
 
 def _worker_pool(workers: int, initializer: Callable | None = None, args: tuple = ()) -> multiprocessing.pool.Pool:
-    # fork: the workers share the vocabularies with this process instead of receiving copies
+    # fork: the workers start at once, without importing this module again
     return multiprocessing.get_context("fork").Pool(workers, initializer, args)
 
 
@@ -452,9 +469,9 @@ class Vocabulary:
     """One categorical feature's distinct values in a run, in order of first appearance."""
 
     def __init__(self) -> None:
-        self.sorted_values = np.empty(0, np.uint32)  # every numbered value, for membership tests
-        self.numbered: list[np.ndarray] = []  # the numbered values in order, one array per numbering
-        self.pending: list[np.ndarray] = []  # values seen since the last numbering, each in order of appearance
+        self.sorted_values = np.empty(0, np.uint32)  # every value taken in, for membership tests
+        self.in_order: list[np.ndarray] = []  # the values taken in, in order, one array per intake
+        self.pending: list[np.ndarray] = []  # values seen since the last intake, each in order of appearance
         self.pending_size = 0
 
     def __len__(self) -> int:
@@ -466,20 +483,20 @@ class Vocabulary:
         self.pending.append(values)
         self.pending_size += values.size
         if self.pending_size >= max(self.sorted_values.size, PENDING_VALUES):
-            self.number_pending()
+            self.take_pending()
 
-    def number_pending(self) -> None:
-        """Append the pending values not seen before."""
+    def take_pending(self) -> None:
+        """Take in the pending values not seen before."""
         distinct, first = np.unique(np.concatenate([np.empty(0, np.uint32), *self.pending]), return_index=True)
         unseen = ~_contains(self.sorted_values, distinct)
         new, first = distinct[unseen], first[unseen]
-        self.numbered.append(new[np.argsort(first)])
+        self.in_order.append(new[np.argsort(first)])
         self.sorted_values = np.insert(self.sorted_values, np.searchsorted(self.sorted_values, new), new)
         self.pending, self.pending_size = [], 0
 
     def values_in_order(self) -> np.ndarray:
-        self.number_pending()
-        return np.concatenate([np.empty(0, np.uint32), *self.numbered])
+        self.take_pending()
+        return np.concatenate([np.empty(0, np.uint32), *self.in_order])
 
 
 def _first_appearances(values: np.ndarray) -> np.ndarray:
@@ -545,12 +562,11 @@ def _learn_vocabularies(
             rows_per_day.append(rows)
             runs += day_runs
         progress.close()
-        _status(f"Merging the vocabularies of {len(runs)} run(s)")
+    _status(f"Merging the vocabularies of {len(runs)} run(s)")
+    with _merge_directory(files), _worker_pool(min(workers, MERGE_PROCESSES)) as pool:
         counts = pool.map(partial(_merge_runs, files, runs), range(SPARSE_FEATURES), chunksize=1)
     _write_npz(files.day_count_file, {"total_per_file": np.array(rows_per_day, np.int64)})
     _write_npz(files.counts_file, {"counts": np.array(counts, np.int32)})  # the last vocabulary file
-    for path in [*runs, *(files.day_progress_file(day) for day in range(len(days)))]:
-        path.unlink()
 
 
 def _save_run(path: Path, run: list[Vocabulary]) -> Path:
@@ -581,24 +597,34 @@ def _load_day_progress(files: CriteoFiles, day: int, bad_lines: BadLines) -> tup
     return rows, runs
 
 
+@contextlib.contextmanager
+def _merge_directory(files: CriteoFiles) -> Iterator[None]:
+    """The merges' working directory, emptied before (of what a killed run left) and removed after."""
+    shutil.rmtree(files.merge_directory, ignore_errors=True)
+    files.merge_directory.mkdir()
+    try:
+        yield
+    finally:
+        shutil.rmtree(files.merge_directory, ignore_errors=True)
+
+
 def _merge_runs(files: CriteoFiles, runs: list[Path], feature: int) -> int:
     """Write a feature's dictionary and lookup from its runs; return its number of distinct values."""
-    with tempfile.TemporaryDirectory(dir=files.stem.parent, prefix=f".{files.stem.name}_merge_{feature}.") as work:
-        new_files = [Path(work) / f"new_{k}" for k in range(len(runs))]
-        id_files = [Path(work) / f"ids_{k}" for k in range(len(runs))]
-        block = max(1, MERGE_VALUES // max(1, len(runs)))
-        _mark_new_values(runs, f"S{feature + 1}", new_files, block)
-        dictionary = Path(work) / "dictionary"
-        count = _number_new_values(runs, f"C{feature + 1}", new_files, id_files, dictionary)
-        _write_npz(files.dictionary_file(feature), {"unique": ((count,), np.dtype(np.int32), _file_blocks(dictionary))})
-        lookup = {"values": Path(work) / "values", "ids": Path(work) / "ids"}
-        _merge_ids(id_files, lookup, block)
-        members = {
-            "values": ((count,), np.dtype(np.uint32), _file_blocks(lookup["values"])),
-            "ids": ((count,), np.dtype(np.int32), _file_blocks(lookup["ids"])),
-        }
-        _write_npz(files.lookup_file(feature), members)
+    work = files.merge_directory / f"C{feature + 1}"
+    work.mkdir()
+    new_files = [work / f"new_{k}" for k in range(len(runs))]
+    key_files = [work / f"keys_{k}" for k in range(len(runs))]
+    _mark_new_values(runs, f"S{feature + 1}", new_files, _merge_block(len(runs)))
+    dictionary = work / "dictionary"
+    count = _number_new_values(runs, f"C{feature + 1}", new_files, key_files, dictionary)
+    _write_npz(files.dictionary_file(feature), {"unique": ((count,), np.dtype(np.int32), _file_blocks(dictionary))})
+    _write_lookup(files, feature, key_files, count, work)
     return count
+
+
+def _merge_block(streams: int) -> int:
+    """Values read from each of a merge's streams at a time."""
+    return max(1, MERGE_VALUES // max(1, streams))
 
 
 def _mark_new_values(runs: list[Path], sorted_column: str, new_files: list[Path], block: int) -> None:
@@ -622,55 +648,83 @@ class _Appender:
     open."""
 
     def __init__(self, path: Path, block: int) -> None:
-        self.path, self.block, self.parts, self.size = path, block, [], 0
+        self.path, self.block, self.pending = path, block, bytearray()
         path.write_bytes(b"")
 
     def write(self, values: np.ndarray) -> None:
-        self.parts.append(values.copy())  # not a view: that would keep the whole array it came from
-        self.size += values.size
-        if self.size >= self.block:
+        self.pending += values.tobytes()
+        if len(self.pending) >= self.block * values.itemsize:
             self.flush()
 
     def flush(self) -> None:
         with open(self.path, "ab") as f:
-            for part in self.parts:
-                f.write(part.tobytes())
-        self.parts, self.size = [], 0
+            f.write(self.pending)
+        self.pending = bytearray()
 
 
 def _number_new_values(
-    runs: list[Path], column: str, new_files: list[Path], id_files: list[Path], dictionary: Path
+    runs: list[Path], column: str, new_files: list[Path], key_files: list[Path], dictionary: Path
 ) -> int:
     """Give each run's new values, in order of appearance, the next ids: append them to the dictionary (as the
     original's int32) and write them sorted with their ids, as (value << 32 | id) keys. Return the values numbered."""
     count = 0
     with open(dictionary, "wb") as out:
-        for run, new_file, id_file in zip(runs, new_files, id_files, strict=True):
+        for run, new_file, key_file in zip(runs, new_files, key_files, strict=True):
             with np.load(run) as data:
                 in_order = data[column]
-            by_value = np.argsort(in_order)  # the run's sorted order, as positions in order of appearance
-            new_by_value = np.fromfile(new_file, bool)
-            new = np.empty_like(new_by_value)
-            new[by_value] = new_by_value
-            ids = count - 1 + np.cumsum(new, dtype=np.int64)
-            out.write(in_order[new].view(np.int32).tobytes())
-            numbered = by_value[new_by_value]
-            keys = (in_order[numbered].astype(np.uint64) << np.uint64(32)) | ids[numbered].astype(np.uint64)
-            keys.tofile(id_file)
-            count += numbered.size
+            by_value = np.argsort(in_order)  # by_value[i]: where the i-th smallest value stands in the run
+            is_new_by_value = np.fromfile(new_file, bool)  # whether the i-th smallest value is new
+            is_new = np.empty_like(is_new_by_value)  # the same, by where the values stand
+            is_new[by_value] = is_new_by_value
+            ids = count - 1 + np.cumsum(is_new, dtype=np.int64)  # each new value's id, by where it stands
+            out.write(in_order[is_new].view(np.int32).tobytes())
+            new_by_value = by_value[is_new_by_value]  # where the new values stand, smallest first
+            keys = (in_order[new_by_value].astype(np.uint64) << np.uint64(32)) | ids[new_by_value].astype(np.uint64)
+            keys.tofile(key_file)
+            count += new_by_value.size
     return count
 
 
-def _merge_ids(id_files: list[Path], lookup: dict[str, Path], block: int) -> None:
-    """Merge the runs' (value << 32 | id) keys, each run's sorted and no value in two runs, into the lookup's
-    ``values`` (sorted) and ``ids``."""
-    with open(lookup["values"], "wb") as values, open(lookup["ids"], "wb") as ids:
-        key = np.dtype(np.uint64)
-        streams = [_file_values(path, key, 0, path.stat().st_size // key.itemsize, block) for path in id_files]
-        for window in _aligned_windows(streams, block, np.dtype(np.uint64)):
+def _write_lookup(files: CriteoFiles, feature: int, key_files: list[Path], count: int, work: Path) -> None:
+    """The feature's lookup file, ``values`` sorted and their ``ids``, from files of (value << 32 | id) keys,
+    each sorted, no value in two of them."""
+    parts = {"values": work / "values", "ids": work / "ids"}
+    key, block = np.dtype(np.uint64), _merge_block(len(key_files))
+    with open(parts["values"], "wb") as values, open(parts["ids"], "wb") as ids:
+        streams = [_file_values(path, key, 0, path.stat().st_size // key.itemsize, block) for path in key_files]
+        for window in _aligned_windows(streams, block, key):
             keys = np.sort(np.concatenate(window))
             values.write((keys >> np.uint64(32)).astype(np.uint32).tobytes())
             ids.write((keys & np.uint64(0xFFFFFFFF)).astype(np.int32).tobytes())
+    members = {
+        "values": ((count,), np.dtype(np.uint32), _file_blocks(parts["values"])),
+        "ids": ((count,), np.dtype(np.int32), _file_blocks(parts["ids"])),
+    }
+    _write_npz(files.lookup_file(feature), members)
+
+
+def _make_missing_lookups(files: CriteoFiles, workers: int) -> None:
+    """Lookups for dictionaries that came without them (the original's preprocessing wrote none)."""
+    features = [j for j in range(SPARSE_FEATURES) if not files.lookup_file(j).exists()]
+    if features:
+        _status(f"Making lookups for {len(features)} dictionaries")
+        with _merge_directory(files), _worker_pool(min(workers, MERGE_PROCESSES)) as pool:
+            pool.map(partial(_lookup_from_dictionary, files), features, chunksize=1)
+
+
+def _lookup_from_dictionary(files: CriteoFiles, feature: int) -> None:
+    """Sort the dictionary a piece at a time into key files, then merge them into the lookup."""
+    path = files.dictionary_file(feature)
+    _check_arrays(path, {"unique": (None,)})
+    work = files.merge_directory / f"C{feature + 1}"
+    work.mkdir()
+    key_files, count = [], 0
+    for values in _member_blocks(path, "unique", np.uint32, RUN_VALUES):  # int32 wraps back to the 32-bit hash
+        ids = np.arange(count, count + values.size, dtype=np.uint64)
+        key_files.append(work / f"keys_{len(key_files)}")
+        np.sort((values.astype(np.uint64) << np.uint64(32)) | ids).tofile(key_files[-1])
+        count += values.size
+    _write_lookup(files, feature, key_files, count, work)
 
 
 def _aligned_windows(streams: list[Iterator[np.ndarray]], block: int, dtype: np.dtype) -> Iterator[list[np.ndarray]]:
@@ -700,47 +754,45 @@ def _aligned_windows(streams: list[Iterator[np.ndarray]], block: int, dtype: np.
 
 
 class IdLookup:
-    """Value -> id for one feature, memory-mapped from its lookup file."""
+    """Value -> id for one feature, from its lookup file, memory-mapped.
 
-    def __init__(self, path: Path) -> None:
-        self.sorted_values = _map_array(path, "values")
-        self.ids = _map_array(path, "ids")
+    Mapped pages count as the process's resident memory, and the kernel maps up to FAULT_AROUND_BYTES around each
+    page read. So a lookup that is not ``kept`` is mapped only while in use, and one larger than MAPPED_BYTES is
+    mapped afresh for each ``query_block`` queries, which map at most that much.
+    """
+
+    def __init__(self, path: Path, kept: bool) -> None:
+        self.arrays = [(path, *_array_location(path, name)) for name in ("values", "ids")]
+        self.kept = self._map() if kept else None
+        large = not kept and path.stat().st_size > MAPPED_BYTES
+        self.query_block = max(1, MAPPED_BYTES // (2 * FAULT_AROUND_BYTES)) if large else None
+
+    def _map(self) -> list[np.ndarray]:
+        return [_mapped(*array) for array in self.arrays]
 
     def __call__(self, values: np.ndarray) -> np.ndarray | None:
         """The values' ids, or None when a value is not in the vocabulary."""
-        if not values.size:
-            return np.empty(0, np.int32)
-        if not self.sorted_values.size:
-            return None
-        order = np.argsort(values)  # searching in sorted order touches the lookup's memory in order: faster
-        queries = values[order]
-        at = np.minimum(np.searchsorted(self.sorted_values, queries), self.sorted_values.size - 1)
-        if not np.array_equal(self.sorted_values[at], queries):
-            return None
-        ids = np.empty(values.shape, np.int32)
-        ids[order] = self.ids[at]
+        order = np.argsort(values)  # searching in sorted order reads the lookup in order: faster
+        queries, ids = values[order], np.empty(values.shape, np.int32)
+        block = max(1, self.query_block or queries.size)
+        for start in range(0, queries.size, block):
+            sorted_values, value_ids = self.kept or self._map()
+            part = queries[start : start + block]
+            at = np.minimum(np.searchsorted(sorted_values, part), sorted_values.size - 1)
+            if not sorted_values.size or not np.array_equal(sorted_values[at], part):
+                return None
+            ids[order[start : start + block]] = value_ids[at]
         return ids
 
 
-class Lookups:
-    """Every feature's lookup, in a pass-2 worker. Mapped pages count as the worker's resident memory, so lookups
-    larger than LOOKUP_RESIDENT_BYTES in all are mapped for one feature of one chunk at a time, then let go."""
-
-    def __init__(self, paths: list[Path]) -> None:
-        self.paths = paths
-        resident = sum(path.stat().st_size for path in paths) <= LOOKUP_RESIDENT_BYTES
-        self.kept = [IdLookup(path) for path in paths] if resident else None
-
-    def __getitem__(self, feature: int) -> IdLookup:
-        return self.kept[feature] if self.kept else IdLookup(self.paths[feature])
-
-
-_worker_lookups: Lookups | None = None
+_worker_lookups: list[IdLookup] = []
 
 
 def _set_worker_lookups(paths: list[Path]) -> None:
+    """Keep the lookups mapped when they are small enough in all (LOOKUP_RESIDENT_BYTES)."""
     global _worker_lookups
-    _worker_lookups = Lookups(paths)
+    kept = sum(path.stat().st_size for path in paths) <= LOOKUP_RESIDENT_BYTES
+    _worker_lookups = [IdLookup(path, kept) for path in paths]
 
 
 @dataclass
@@ -1108,7 +1160,10 @@ def _store_uncompressed(path: Path) -> None:
 
 def _map_array(path: Path, name: str) -> np.ndarray:
     """An array of an uncompressed npz, memory-mapped read-only."""
-    offset, shape, dtype = _array_location(path, name)
+    return _mapped(path, *_array_location(path, name))
+
+
+def _mapped(path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if math.prod(shape) == 0:
         return np.empty(shape, dtype)
     return np.memmap(path, dtype, "r", offset, shape)

@@ -43,12 +43,15 @@ def make_args(raw: Path | str = "", **overrides) -> argparse.Namespace:
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks, vocabulary batches, runs and merge windows far smaller than the data, and lookups mapped only while
-    in use, so that every boundary and both ways of looking ids up are exercised."""
+    in use (the larger ones 7 queries at a time), so that every boundary is exercised. The other test files look
+    ids up in lookups kept mapped."""
     monkeypatch.setattr(data_utils, "CHUNK_BYTES", 20_000)
     monkeypatch.setattr(data_utils, "PENDING_VALUES", 64)
     monkeypatch.setattr(data_utils, "RUN_VALUES", 2_000)
     monkeypatch.setattr(data_utils, "MERGE_VALUES", 3_000)
     monkeypatch.setattr(data_utils, "LOOKUP_RESIDENT_BYTES", 0)
+    monkeypatch.setattr(data_utils, "MAPPED_BYTES", 1400)  # lookups of over about 170 values: 7 queries a map
+    monkeypatch.setattr(data_utils, "FAULT_AROUND_BYTES", 100)
     monkeypatch.setattr(data_utils, "BLOCK_ROWS", 100)
 
 
@@ -112,7 +115,7 @@ def test_kaggle_file_becomes_seven_days_with_first_appearance_ids(tmp_path: Path
     assert load(tmp_path / "train_fea_count.npz")["counts"].tolist() == processed.counts
     for day in range(7):
         assert len(load(tmp_path / f"train_day_{day}_processed.npz")["y"]) == processed.rows_per_day[day]
-    assert not list(tmp_path.glob("*_vocabulary*")) and not temporary_files(tmp_path)
+    assert not list(tmp_path.glob("*_run*")) and not temporary_files(tmp_path)
 
 
 def test_terabyte_days_and_the_splits(tmp_path: Path) -> None:
@@ -326,6 +329,59 @@ def test_rerun_writes_only_the_missing_day(tmp_path: Path, capsys: pytest.Captur
         np.testing.assert_array_equal(load(concatenated)[name], values)
 
 
+def test_a_missing_day_is_made_again_from_the_originals_dictionaries(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    raw = write_kaggle(tmp_path, 700)
+    data_utils.prepare(make_args(raw))
+    concatenated = tmp_path / "kaggleAdDisplayChallenge_processed.npz"
+    before = load(concatenated)
+    for j in range(26):  # what the original leaves: compressed dictionaries, no lookups
+        dictionary = tmp_path / f"train_fea_dict_{j}.npz"
+        unique = load(dictionary)["unique"]
+        with open(dictionary, "wb") as out:
+            np.savez_compressed(out, unique=unique)
+        (tmp_path / f"train_fea_lookup_{j}.npz").unlink()
+    (tmp_path / "train_day_4_processed.npz").unlink()
+    concatenated.unlink()
+    capsys.readouterr()
+
+    data_utils.prepare(make_args(raw))
+    output = capsys.readouterr()
+    assert "Making lookups for 26 dictionaries" in output.out and "Pass 1/2" not in output.err
+    for name, values in before.items():
+        np.testing.assert_array_equal(load(concatenated)[name], values)
+    assert len(list(tmp_path.glob("train_fea_lookup_*.npz"))) == 26 and not temporary_files(tmp_path)
+
+
+def test_a_value_missing_from_the_lookups_names_the_feature_and_the_file(tmp_path: Path) -> None:
+    raw = write_kaggle(tmp_path, 700)
+    data_utils.prepare(make_args(raw))
+    lines = raw.read_text().splitlines(keepends=True)
+    fields = lines[650].split("\t")
+    fields[14 + 4] = "fedcba98"  # C5 of a line of the last day: a value the vocabularies never saw
+    raw.write_text("".join(lines[:650] + ["\t".join(fields)] + lines[651:]))
+    (tmp_path / "train_day_6_processed.npz").unlink()
+    (tmp_path / "kaggleAdDisplayChallenge_processed.npz").unlink()
+
+    with pytest.raises(DataError, match=r"a C5 value is not in .*train_fea_lookup_4.npz: the vocabularies were made"):
+        data_utils.prepare(make_args(raw))
+    assert not (tmp_path / "train_day_6_processed.npz").exists() and not temporary_files(tmp_path)
+
+
+def test_pass_1_files_left_by_an_interrupted_clean_up_are_removed(tmp_path: Path) -> None:
+    raw = write_kaggle(tmp_path, 700)
+    data_utils.prepare(make_args(raw))
+    leftovers = [tmp_path / "train_day_1_runs.npz", tmp_path / "train_day_5_run_0.npz"]
+    for path in leftovers:
+        path.write_bytes(b"left behind")
+    (tmp_path / "train_day_2_processed.npz").unlink()
+    (tmp_path / "kaggleAdDisplayChallenge_processed.npz").unlink()
+
+    data_utils.prepare(make_args(raw))
+    assert not any(path.exists() for path in leftovers) and (tmp_path / "train_day_2_processed.npz").exists()
+
+
 class Interrupted(Exception):
     pass
 
@@ -366,7 +422,7 @@ def test_interrupted_first_pass_resumes_at_the_day_it_stopped(tmp_path: Path, ca
     args = make_args(raw, data_set="terabyte")
     with pytest.raises(DataError, match="day_2:11: expected 40"):
         data_utils.prepare(args)
-    assert sorted(p.name for p in tmp_path.glob("*_vocabulary.npz")) == ["day_0_vocabulary.npz", "day_1_vocabulary.npz"]
+    assert sorted(p.name for p in tmp_path.glob("*_runs.npz")) == ["day_0_runs.npz", "day_1_runs.npz"]
     (tmp_path / "day_2").write_text(good_day)
     capsys.readouterr()
 
@@ -374,7 +430,7 @@ def test_interrupted_first_pass_resumes_at_the_day_it_stopped(tmp_path: Path, ca
     assert "Pass 1/2, vocabularies: 200/200 lines" in capsys.readouterr().err
     expected = read_raw([tmp_path / f"day_{day}" for day in range(4)])
     np.testing.assert_array_equal(load(tmp_path / "terabyte_processed.npz")["X_cat"], expected["X_cat"])
-    assert not list(tmp_path.glob("*_vocabulary*"))
+    assert not list(tmp_path.glob("*_run*"))
 
 
 @pytest.mark.parametrize("run_values, merge_values", [(1, 1), (500, 7), (10**9, 10**9)])
@@ -396,7 +452,7 @@ def test_ids_do_not_depend_on_how_pass_1_cuts_the_values_into_runs(
         lookup = load(tmp_path / f"day_fea_lookup_{j}.npz")
         np.testing.assert_array_equal(lookup["values"], np.sort(values))
         np.testing.assert_array_equal(lookup["ids"], np.argsort(values))
-    assert not list(tmp_path.glob("*_vocabulary*")) and not temporary_files(tmp_path)
+    assert not list(tmp_path.glob("*_run*")) and not temporary_files(tmp_path)
 
 
 def test_aligned_windows_hold_every_copy_of_a_value_together() -> None:
@@ -427,7 +483,9 @@ def test_interrupted_merge_resumes_without_reading_the_raw_data_again(
     monkeypatch.setattr(data_utils, "_status", interrupt_the_merge)
     with pytest.raises(Interrupted):
         data_utils.prepare(args)
-    assert len(list(tmp_path.glob("day_*_vocabulary.npz"))) == 3 and not list(tmp_path.glob("*_fea_*"))
+    assert len(list(tmp_path.glob("day_*_runs.npz"))) == 3 and not list(tmp_path.glob("*_fea_*"))
+    (tmp_path / ".day_merge" / "C1").mkdir(parents=True)  # as a merge killed midway leaves it
+    (tmp_path / ".day_merge" / "C1" / "keys_0").write_bytes(b"partial")
     monkeypatch.setattr(data_utils, "_status", status)
     capsys.readouterr()
 
@@ -435,7 +493,7 @@ def test_interrupted_merge_resumes_without_reading_the_raw_data_again(
     assert "Pass 1/2, vocabularies: 0/0 lines" in capsys.readouterr().err
     expected = read_raw([tmp_path / f"day_{day}" for day in range(3)])
     np.testing.assert_array_equal(load(tmp_path / "terabyte_processed.npz")["X_cat"], expected["X_cat"])
-    assert not list(tmp_path.glob("*_vocabulary*")) and not temporary_files(tmp_path)
+    assert not list(tmp_path.glob("*_run*")) and not temporary_files(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------
