@@ -488,7 +488,7 @@ class Vocabulary:
     def take_pending(self) -> None:
         """Take in the pending values not seen before."""
         distinct, first = np.unique(np.concatenate([np.empty(0, np.uint32), *self.pending]), return_index=True)
-        unseen = ~_contains(self.sorted_values, distinct)
+        unseen = ~_find(self.sorted_values, distinct)[1]
         new, first = distinct[unseen], first[unseen]
         self.in_order.append(new[np.argsort(first)])
         self.sorted_values = np.insert(self.sorted_values, np.searchsorted(self.sorted_values, new), new)
@@ -505,12 +505,13 @@ def _first_appearances(values: np.ndarray) -> np.ndarray:
     return distinct[np.argsort(first)]
 
 
-def _contains(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Whether each value is in ``sorted_values``; fastest with the values sorted too."""
+def _find(sorted_values: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each value's position in ``sorted_values``, and whether it is there (where not, the position is meaningless).
+    Fastest with the values sorted too."""
     if not sorted_values.size:
-        return np.zeros(values.shape, bool)
+        return np.zeros(values.shape, np.int64), np.zeros(values.shape, bool)
     at = np.minimum(np.searchsorted(sorted_values, values), sorted_values.size - 1)
-    return sorted_values[at] == values
+    return at, sorted_values[at] == values
 
 
 @dataclass
@@ -777,9 +778,8 @@ class IdLookup:
         block = max(1, self.query_block or queries.size)
         for start in range(0, queries.size, block):
             sorted_values, value_ids = self.kept or self._map()
-            part = queries[start : start + block]
-            at = np.minimum(np.searchsorted(sorted_values, part), sorted_values.size - 1)
-            if not sorted_values.size or not np.array_equal(sorted_values[at], part):
+            at, found = _find(sorted_values, queries[start : start + block])
+            if not found.all():
                 return None
             ids[order[start : start + block]] = value_ids[at]
         return ids
