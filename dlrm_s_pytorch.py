@@ -1072,6 +1072,8 @@ class Trainer:
             for table in model.embeddings:
                 table.set_optimizer(args.optimizer, args.learning_rate)
         self.dense_path, self.optimizer = dense_step(args, model.dense, backend)
+        # a CUDA graph cannot hold the ranks' exchanges and DDP's hooks
+        self.iteration = self.forward_backward if dist.is_initialized() else backend.capture(self.forward_backward)
         self.position, self.best = Position(), dict(accuracy=0.0, auc=0.0)
         self.window = Window(args.mini_batch_size)
         self.metrics = MetricsLog(args.metrics_file, args.tensorboard, enabled=ranks.rank == 0)
@@ -1240,15 +1242,20 @@ class Trainer:
         return self.dense_path(batch.dense, self.model.lookup(batch.bags, batch.dense.size(0)), batch.targets)
 
     def step(self, batch: Batch) -> Tensor:
-        """One iteration: forward, loss, and when training backward (the sparse updates run inside) and step."""
-        scores, loss, self.last_stats = self.forward(batch)
+        """One iteration on the device, then what the loop does with its loss."""
+        scores, loss, self.last_stats = self.iteration(batch)
         if self.args.print_dist_loss:
             print(f" Distributed Loss :: {distributed_loss(loss):.6f}")
+        self.backend.mark_step()
+        return scores
+
+    def forward_backward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """Forward and loss, and when training backward (the sparse updates run inside) and the dense step."""
+        scores, loss, stats = self.forward(batch)
         if self.training:
             loss.backward()  # the sparse updates happen in here, and in eager mode the dense ones
             self.optimizer.step()
-        self.backend.mark_step()
-        return scores
+        return scores, loss, stats
 
     def report(self, it: int, nbatches: int, epoch: int) -> None:
         window, self.window = self.window, Window(self.args.mini_batch_size)

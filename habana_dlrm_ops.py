@@ -12,7 +12,8 @@ The original built this for Gaudi; the design is kept on every device:
 3. ``DenseOptimizer``: SGD or Adagrad for the MLPs, applied to each parameter as soon as autograd has its
    gradient, so the MLPs' gradients never all exist at once.
 4. ``Backend``: what differs between the CPU, a CUDA GPU and a Gaudi card (where tensors live, the kernels,
-   the dense optimizer, what lazy mode compiles, ``mark_step``). ``select_backend`` picks one.
+   the dense optimizer, what lazy mode compiles, ``mark_step``, and on CUDA the iteration replayed as one
+   graph). ``select_backend`` picks one.
 
 Importing this module needs only torch; the Habana bridge is imported only when a Gaudi card is asked for.
 """
@@ -22,8 +23,9 @@ from __future__ import annotations
 import importlib
 import os
 import resource
-from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +34,7 @@ OPTIMIZERS = ("sgd", "adagrad")
 ADAGRAD_EPS = 1e-10  # the original's sparse kernel and torch.optim.Adagrad's default
 DENSE_CHUNK = 1 << 20  # elements per step of the eager dense Adagrad update on the CPU
 INDEX = torch.int32  # the Habana kernels take int32 indices; torch's kernels accept them too
+T = TypeVar("T")
 
 
 class DeviceUnavailable(Exception):
@@ -143,12 +146,50 @@ class TorchKernels:
         self, name: str, lr: float, weight: Tensor, moments: Tensor | None, bags: BagBatch, grads: Tensor
     ) -> None:
         """SGD ``w[r] -= lr * g`` or Adagrad ``m[r] += g**2; w[r] -= lr * g / (sqrt(m[r]) + 1e-10)``."""
-        rows = bags.unique_indices[: bags.num_unique].long()  # index_add_ on the CPU is 3x slower with int32
+        rows = self.updated_rows(bags, weight.size(0))
         if name == "adagrad":
             moments.index_add_(0, rows, grads * grads)
             std = moments.index_select(0, rows).sqrt_().add_(ADAGRAD_EPS)
             grads = grads / std
         weight.index_add_(0, rows, grads.mul_(-lr))  # index_add_ with alpha is 4x slower on the CPU
+
+    def updated_rows(self, bags: BagBatch, table_rows: int) -> Tensor:
+        """The table rows ``sparse_update`` writes, one per row of ``grads``."""
+        return bags.unique_indices[: bags.num_unique].long()  # index_add_ on the CPU is 3x slower with int32
+
+
+class WholeBufferKernels(TorchKernels):
+    """The same kernels over whole buffers: every shape is the same each batch, and no valid count is read on the
+    host, so a CUDA graph can replay them.
+
+    The padding after the valid entries is summed into throwaway bags of at most ``PADDING_BAG`` entries, because
+    CUDA's last bag runs to the end of the buffer and one thread sums a bag. Padded distinct rows get zero
+    gradients and update distinct rows, adding zeros, so the SGD and Adagrad steps stay exact.
+    """
+
+    def bag_sum(self, weight: Tensor, bags: BagBatch) -> Tensor:
+        offsets = _with_padding_bags(bags.offsets, bags.valid_counts[1], bags.indices.numel())
+        pooled = nn.functional.embedding_bag(bags.indices, weight, offsets, mode="sum", include_last_offset=True)
+        return pooled[: bags.offsets.numel() - 1]
+
+    def row_grads(self, grad_output: Tensor, bags: BagBatch) -> Tensor:
+        starts = _with_padding_bags(bags.unique_starts, bags.valid_counts[1], bags.sorted_bags.numel())
+        grads = nn.functional.embedding_bag(bags.sorted_bags, grad_output, starts, mode="sum", include_last_offset=True)
+        return grads[: bags.unique_indices.numel()]
+
+    def updated_rows(self, bags: BagBatch, table_rows: int) -> Tensor:
+        slots = torch.arange(bags.unique_indices.numel(), device=bags.unique_indices.device)
+        return torch.where(slots < bags.valid_counts[4], bags.unique_indices, slots % table_rows).long()
+
+
+PADDING_BAG = 32
+
+
+def _with_padding_bags(starts: Tensor, count: Tensor, capacity: int) -> Tensor:
+    """Bag ``starts`` (their last entry is ``count``, on the device), then throwaway bags of padding up to
+    ``capacity``."""
+    steps = torch.arange(1, -(-capacity // PADDING_BAG) + 1, device=starts.device, dtype=starts.dtype)
+    return torch.cat([starts, (count + steps * PADDING_BAG).clamp_(max=capacity)])
 
 
 class _EmbeddingBagSum(torch.autograd.Function):
@@ -317,8 +358,9 @@ class StepAfterBackward:
 class Backend:
     """The CPU: the interface every device implements, and torch's kernels.
 
-    Lazy mode compiles the dense path (``compile``) and, on the CPU and CUDA, the dense optimizer's step;
-    ``mark_step`` ends each iteration in the loop on every device, but only Gaudi and CUDA graphs need it.
+    Lazy mode compiles the dense path (``compile``) and, on the CPU and CUDA, the dense optimizer's step; on CUDA
+    it also replays the whole iteration as a graph (``capture``). ``mark_step`` ends each iteration in the loop on
+    every device, but only Gaudi needs it.
     """
 
     device_type = "cpu"
@@ -326,9 +368,8 @@ class Backend:
     process_group = "gloo"  # torch.distributed's backend for this device
     pin_memory = False  # the loader pins batches for asynchronous copies
     dense_chunk: int | None = DENSE_CHUNK
-    compile_options: dict = {}
     warmup_iterations = 1  # lazy mode: iterations that compile, kept out of ms/it
-    bf16_copies = True  # lazy bf16: the optimizer keeps bf16 copies of the weights (measured here only)
+    bf16_copies = True  # lazy bf16: the optimizer keeps bf16 copies of the weights
 
     def __init__(self, lazy: bool, local_rank: int = 0) -> None:
         self.lazy = lazy
@@ -342,7 +383,7 @@ class Backend:
         return batch.to(self.device, non_blocking=self.pin_memory)
 
     def compile(self, fn: Callable) -> Callable:
-        return torch.compile(fn, fullgraph=True, dynamic=False, **self.compile_options) if self.lazy else fn
+        return torch.compile(fn, fullgraph=True, dynamic=False) if self.lazy else fn
 
     def dense_optimizer(
         self,
@@ -359,6 +400,10 @@ class Backend:
             return DenseOptimizer(params, name, lr, chunk=self.dense_chunk)
         return StepAfterBackward(torch_optimizer(params, name, lr))
 
+    def capture(self, step: Callable[[Any], T]) -> Callable[[Any], T]:
+        """The training iteration as the loop calls it: on a CUDA GPU in lazy mode, a replayed CUDA graph."""
+        return step
+
     def mark_step(self) -> None:
         """The end of an iteration; nothing to do on the CPU."""
 
@@ -370,8 +415,9 @@ class Backend:
 
 
 class CUDABackend(Backend):
-    """An NVIDIA GPU: torch's kernels there, pinned batches copied asynchronously, and in lazy mode the dense
-    path compiled into CUDA graphs (its shapes are static: the batch and the pooled embeddings have fixed sizes).
+    """An NVIDIA GPU: torch's kernels there and pinned batches copied asynchronously. Lazy mode compiles the
+    dense path and replays the whole iteration (lookups, dense path, backward, both updates) as one CUDA graph:
+    the op reads its fixed-size buffers whole, so no shape changes from batch to batch.
     """
 
     device_type = "cuda"
@@ -379,24 +425,70 @@ class CUDABackend(Backend):
     process_group = "nccl"
     pin_memory = True
     dense_chunk = None  # memory is not short, kernel launches are
-    compile_options = {"mode": "reduce-overhead"}
-    warmup_iterations = 3  # compile, record the graphs, first replay
-    bf16_copies = False  # not yet measured on a GPU
+    warmup_iterations = 3  # compile, warm up on a side stream, capture and replay
 
     def __init__(self, lazy: bool, local_rank: int = 0) -> None:
         super().__init__(lazy)
         self.device = torch.device("cuda", local_rank)  # one GPU per local rank
         torch.cuda.set_device(self.device)
+        if lazy:
+            self.kernels = WholeBufferKernels()
 
-    def mark_step(self) -> None:
-        if self.lazy:  # the next iteration may overwrite the graphs' outputs
-            torch.compiler.cudagraph_mark_step_begin()
+    def capture(self, step: Callable[[Any], T]) -> Callable[[Any], T]:
+        return CUDAGraphStep(step, self.warmup_iterations) if self.lazy else step
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()
 
     def memory_report(self) -> str:
         return f"Peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.1f} MB"
+
+
+class CUDAGraphStep:
+    """A training iteration replayed as a CUDA graph: no Python and no kernel launches per iteration.
+
+    The first ``warmup`` - 1 calls run the iteration on a side stream (compiling, and settling what it allocates),
+    the next records it into a graph and replays it. Later calls copy their batch into the recorded one and replay;
+    the outputs are the same tensors each time, overwritten by the next replay.
+    """
+
+    def __init__(self, step: Callable[[Any], T], warmup: int) -> None:
+        self.step, self.warmup, self.calls = step, warmup, 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: Any = None
+        self.outputs: T | None = None
+
+    def __call__(self, batch: Any) -> T:
+        self.calls += 1
+        if self.graph is None and self.calls < self.warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                outputs = self.step(batch)
+            torch.cuda.current_stream().wait_stream(side)
+            return outputs
+        if self.graph is None:
+            self.graph, self.inputs = torch.cuda.CUDAGraph(), batch
+            # thread_local: the data loader's pinning thread may allocate while this thread records
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.outputs = self.step(batch)
+        elif batch is not self.inputs:
+            for recorded, new in zip(_tensors(self.inputs), _tensors(batch), strict=True):
+                recorded.copy_(new, non_blocking=True)
+        self.graph.replay()
+        return self.outputs
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    """The tensors in a batch (dataclasses and lists of them), in a fixed order."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)
+    elif is_dataclass(value):
+        for field in fields(value):
+            yield from _tensors(getattr(value, field.name))
 
 
 class HPUKernels(TorchKernels):

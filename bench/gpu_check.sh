@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (issue 4): the CUDA tests, then the medium configuration eager and lazy in fp32 and bf16 with
-# --measure-perf, printing samples/s and peak GPU memory. Uses the machine's own python3 (torch 2.11-2.14).
-# Usage: bash bench/gpu_check.sh [tests|medium|all] [num_batches]
+# --measure-perf, printing samples/s and peak GPU memory, then the floor of bf16 lazy (bench/gpu_floor.py); with
+# "profile", the slowest GPU kernels of bf16 lazy. Uses the machine's own python3 (torch 2.11-2.14).
+# Usage: bash bench/gpu_check.sh [tests|medium|floor|all|profile] [num_batches]
 set -u
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -11,12 +12,13 @@ python=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $python -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-if [ "$what" != medium ]; then
+if [ "$what" = tests ] || [ "$what" = all ]; then
     echo "== CUDA tests"
-    timeout 300 $python -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_embedding_op.py -k cuda 2>&1 | tail -15
+    timeout 300 $python -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_embedding_op.py \
+        tests/test_criteo_training.py -k cuda 2>&1 | tail -25
 fi
 
-if [ "$what" != tests ]; then
+if [ "$what" = medium ] || [ "$what" = all ]; then
     for mode in eager lazy; do
         for dtype in fp32 bf16; do
             echo "== medium $dtype $mode ($batches batches, --measure-perf)"
@@ -30,4 +32,18 @@ if [ "$what" != tests ]; then
             [ -n "$last_ms" ] && $python -c "print(f'samples/s: {512 * 1000 / $last_ms:,.0f}  (batch 512, {$last_ms} ms/it, steady state)')"
         done
     done
+fi
+
+if [ "$what" = floor ] || [ "$what" = all ]; then
+    echo "== floor of medium bf16 lazy"
+    timeout 120 $python bench/gpu_floor.py 2>&1 | tail -5
+fi
+
+if [ "$what" = profile ]; then
+    echo "== medium bf16 lazy, profiled ($batches batches)"
+    dir=$(mktemp -d)
+    timeout 180 $python "$PWD/dlrm_s_pytorch.py" --config "$PWD/hb_configs/single_node_dlrm_lazy_medium_bf16.yaml" \
+        --device cuda --measure-perf --num-batches "$batches" --print-freq "$batches" --enable-profiling \
+        > "$dir/profile.log" 2>&1 || tail -20 "$dir/profile.log"
+    (cd "$dir" && grep -E "^Finished" profile.log && head -40 dlrm_s_pytorch.prof)
 fi

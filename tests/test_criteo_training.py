@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, finished_lines, run_script
 from criteo_files import write_kaggle, write_terabyte, write_upstream_processed
 
@@ -139,3 +140,22 @@ def test_an_index_out_of_its_table_stops_with_the_table_index_and_range(tmp_path
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     bad, rows = int(arrays["counts"][3]) + 7, int(arrays["counts"][3])
     assert f"table 3: index {bad} is out of its range [0, {rows})" in result.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_lazy_tests_between_graph_replays(tmp_path: Path) -> None:
+    """Lazy mode on CUDA replays the recorded iteration with each new batch and evaluates between replays, on the
+    weights the replays updated: the same training and test lines as eager on the CPU."""
+    raw = write_kaggle(tmp_path, rows=7 * 300)
+    argv = [*TINY, f"--raw-data-file={raw}", "--num-batches=8", "--print-freq=1", "--test-freq=4"]
+    cpu = run_script(*argv, "--device=cpu", cwd=tmp_path)
+    gpu = run_script(*argv, "--device=cuda", "--mode=lazy", cwd=tmp_path)
+    assert cpu.returncode == gpu.returncode == 0, gpu.stderr
+    cpu_losses, gpu_losses = ([line["loss"] for line in finished_lines(r.stdout)] for r in (cpu, gpu))
+    assert len(gpu_losses) == 8 and gpu_losses == pytest.approx(cpu_losses, abs=1e-5, rel=0)
+    cpu_tests, gpu_tests = printed_tests(cpu.stdout), printed_tests(gpu.stdout)
+    assert [t["it"] for t in gpu_tests] == [4, 8]
+    for mine, theirs in zip(gpu_tests, cpu_tests, strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-5) and mine["auc"] == pytest.approx(
+            theirs["auc"], abs=1e-4
+        )

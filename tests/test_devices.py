@@ -144,6 +144,16 @@ def test_compiled_dense_optimizer_equals_torch_optim(optimizer: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def test_a_replayed_graph_gets_every_tensor_of_the_next_batch() -> None:
+    """The CUDA graph's recorded batch is refilled from the next batch, tensor for tensor, in the same order."""
+    bags = habana_dlrm_ops.preprocess_bags(torch.tensor([4, 2]), torch.tensor([0, 1]), batch_size=2, capacity=3)
+    batch = dlrm_s_pytorch.Batch(torch.rand(2, 5), [bags, bags], torch.rand(2, 1), samples=2)
+    found = list(habana_dlrm_ops._tensors(batch))
+    per_table = [bags.indices, bags.offsets, bags.unique_indices, bags.sorted_bags, bags.unique_starts]
+    expected = [batch.dense, *per_table, bags.valid_counts, *per_table, bags.valid_counts, batch.targets]
+    assert len(found) == len(expected) == 14 and all(a is b for a, b in zip(found, expected, strict=True))
+
+
 @CUDA
 @pytest.mark.parametrize("mode", ["eager", "lazy"])
 def test_cuda_equals_the_cpu(mode: str) -> None:

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from habana_dlrm_ops import DenseOptimizer, EmbeddingBag, preprocess_bags
+import habana_dlrm_ops
+from habana_dlrm_ops import DenseOptimizer, EmbeddingBag, TorchKernels, WholeBufferKernels, preprocess_bags
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -33,17 +34,19 @@ def random_bags(gen: torch.Generator, rows: int, batch: int, largest: int, fixed
     return indices, offsets
 
 
+@pytest.mark.parametrize("kernels", [TorchKernels, WholeBufferKernels])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
 @pytest.mark.parametrize("fixed", [False, True])
 @pytest.mark.parametrize("rows", [1, 7, 300, 5000])
 def test_op_matches_nn_embedding_bag_over_steps(
-    rows: int, fixed: bool, optimizer: str, dtype: torch.dtype, device: str
+    rows: int, fixed: bool, optimizer: str, dtype: torch.dtype, device: str, kernels: type[TorchKernels]
 ) -> None:
     """Forward, coalesced backward and in-backward update, five steps, against nn.EmbeddingBag + torch.optim.
 
-    In float64 the comparison sees only the algorithm. In float32 a one-row table sums ~100 occurrences a step
+    Both kernel sets: the valid prefixes, and the whole buffers with their padding. In float64 the comparison
+    sees only the algorithm. In float32 a one-row table sums ~100 occurrences a step
     and both sides' summation orders drift apart by more than 1e-6 within five steps, so that case runs in float64.
     """
     if rows == 1 and dtype == torch.float32:
@@ -51,7 +54,7 @@ def test_op_matches_nn_embedding_bag_over_steps(
     gen = torch.Generator().manual_seed(rows * 10 + fixed)
     dim, batch, largest, lr = 8, 16, 6, 0.5
     initial = torch.randn(rows, dim, generator=gen, dtype=dtype)
-    ours = EmbeddingBag(initial.clone()).to(device)
+    ours = EmbeddingBag(initial.clone(), kernels()).to(device)
     ours.set_optimizer(optimizer, lr)
     reference = nn.EmbeddingBag(rows, dim, mode="sum", dtype=dtype, device=device)
     reference.weight.data.copy_(initial)
@@ -110,6 +113,19 @@ def test_preprocessing_deduplicates_rows_sharing_low_bits() -> None:
     assert bags.sorted_bags[:6].tolist() == [1, 0, 2, 0, 1, 2]
     assert bags.offsets.tolist() == [0, 2, 4, 6, 6]  # the fourth bag of the buffer is empty
     assert bags.indices.shape == (10,) and bags.unique_starts.shape == (11,)
+
+
+def test_whole_buffer_kernels_spread_the_padding() -> None:
+    """On CUDA one thread sums a bag and the last bag runs to the buffer's end, and updates of one row serialize:
+    the padding goes to short throwaway bags and to distinct rows, never all to one (measured 2x slower on an H100).
+    """
+    bags = preprocess_bags(torch.tensor([3, 1, 3]), torch.tensor([0, 2]), batch_size=4, capacity=100)
+    offsets = habana_dlrm_ops._with_padding_bags(bags.offsets, bags.valid_counts[1], 100)
+    assert offsets[:5].tolist() == [0, 2, 3, 3, 3] and offsets[-1] == 100
+    assert offsets.diff()[4:].max() <= habana_dlrm_ops.PADDING_BAG
+    rows = WholeBufferKernels().updated_rows(bags, table_rows=10)
+    assert rows.shape == (100,) and rows[:2].tolist() == [1, 3]
+    assert rows.bincount().max() <= 11  # 98 padded slots over 10 rows, not 98 on row 0
 
 
 def test_preprocessing_rejects_more_lookups_than_the_buffer() -> None:
