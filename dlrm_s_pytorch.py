@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import itertools
 import json
 import math
@@ -42,6 +43,7 @@ from habana_dlrm_ops import (
     OPTIMIZERS,
     Backend,
     BagBatch,
+    DenseOptimizer,
     DeviceUnavailable,
     EmbeddingBag,
     RowGrouper,
@@ -1072,6 +1074,7 @@ class Trainer:
             for table in model.embeddings:
                 table.set_optimizer(args.optimizer, args.learning_rate)
         self.dense_path, self.optimizer = dense_step(args, model.dense, backend)
+        reuse_freed_host_memory(layer_by_layer=isinstance(self.optimizer, DenseOptimizer))
         # a CUDA graph cannot hold the ranks' exchanges and DDP's hooks
         self.iteration = self.forward_backward if dist.is_initialized() else backend.capture(self.forward_backward)
         self.position, self.best = Position(), dict(accuracy=0.0, auc=0.0)
@@ -1482,6 +1485,30 @@ def build(args: argparse.Namespace, sizes: Sizes, backend: Backend, ranks: Ranks
             raise UsageError(f"--test-mini-batch-size: the test split holds no whole batch of {batch_size} samples")
     checkpoint = read_checkpoint(checkpoint_file(args.load_model, ranks.rank)) if args.load_model else None
     return Trainer(args, model, backend, (train_loader, test_loader), ranks, checkpoint)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
+HEAP_LIMIT = 32 << 20  # the largest allocation glibc lets come from its heap
+
+
+def reuse_freed_host_memory(layer_by_layer: bool) -> None:
+    """Keep the host memory training frees for its next iteration, under glibc (elsewhere nothing changes).
+
+    By default glibc maps allocations over a few MB on their own and returns them, and the top of its heap, when
+    freed; the kernel then zeroes the pages of every iteration's activations, weight casts and gradients again.
+    Keeping them made the medium step on the CPU 10-20 % faster. When the dense update runs ``layer_by_layer``
+    inside backward, the tensors come and go in the same order every iteration, so the heap serves all of them.
+    Otherwise backward hands over every gradient at once, 64 MB holes stay in the heap, and the peak grew by
+    0.27 GB: there allocations over 32 MB keep their own mappings.
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return
+    if layer_by_layer:
+        mallopt(M_MMAP_MAX, 0)  # no allocation gets its own mapping
+    else:
+        mallopt(M_MMAP_THRESHOLD, HEAP_LIMIT)
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # freed memory at the top of the heap stays
 
 
 def whole_batches(loader: torch.utils.data.DataLoader) -> int:

@@ -115,6 +115,22 @@ def test_cpu_lazy_bf16_weight_copies_train_as_autocast(monkeypatch, capsys, opti
         torch.testing.assert_close(values, printed[False][1][name], atol=weight_tolerance, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_freed_host_memory_is_kept_for_the_next_iteration(monkeypatch, capsys, mode: str) -> None:
+    """glibc keeps what training frees; only eager mode, whose update runs layer by layer, maps nothing apart."""
+    calls = []
+
+    class Libc:
+        def mallopt(self, parameter: int, value: int) -> int:
+            calls.append((parameter, value))
+            return 1
+
+    monkeypatch.setattr(dlrm_s_pytorch.ctypes, "CDLL", lambda name: Libc())
+    assert dlrm_s_pytorch.main([*TINY, "--num-batches=2", f"--mode={mode}"]) == 0
+    apart = (dlrm_s_pytorch.M_MMAP_MAX, 0) if mode == "eager" else (dlrm_s_pytorch.M_MMAP_THRESHOLD, 32 << 20)
+    assert calls == [apart, (dlrm_s_pytorch.M_TRIM_THRESHOLD, 2**31 - 1)]
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
 def test_compiled_dense_optimizer_equals_torch_optim(optimizer: str) -> None:
     torch.manual_seed(0)
