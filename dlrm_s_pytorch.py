@@ -1487,6 +1487,7 @@ def build(args: argparse.Namespace, sizes: Sizes, backend: Backend, ranks: Ranks
     return Trainer(args, model, backend, (train_loader, test_loader), ranks, checkpoint)
 
 
+LIBC = ctypes.CDLL(None)  # the C library this process runs on
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
 HEAP_LIMIT = 32 << 20  # the largest allocation glibc lets come from its heap
 
@@ -1501,7 +1502,7 @@ def reuse_freed_host_memory(layer_by_layer: bool) -> None:
     Otherwise backward hands over every gradient at once, 64 MB holes stay in the heap, and the peak grew by
     0.27 GB: there allocations over 32 MB keep their own mappings.
     """
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    mallopt = getattr(LIBC, "mallopt", None)
     if mallopt is None:
         return
     if layer_by_layer:

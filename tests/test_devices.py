@@ -125,7 +125,7 @@ def test_freed_host_memory_is_kept_for_the_next_iteration(monkeypatch, capsys, m
             calls.append((parameter, value))
             return 1
 
-    monkeypatch.setattr(dlrm_s_pytorch.ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(dlrm_s_pytorch, "LIBC", Libc())
     assert dlrm_s_pytorch.main([*TINY, "--num-batches=2", f"--mode={mode}"]) == 0
     apart = (dlrm_s_pytorch.M_MMAP_MAX, 0) if mode == "eager" else (dlrm_s_pytorch.M_MMAP_THRESHOLD, 32 << 20)
     assert calls == [apart, (dlrm_s_pytorch.M_TRIM_THRESHOLD, 2**31 - 1)]
