@@ -46,6 +46,7 @@ from habana_dlrm_ops import (
     DenseOptimizer,
     DeviceUnavailable,
     EmbeddingBag,
+    Linear,
     RowGrouper,
     TorchKernels,
     preprocess_bags,
@@ -675,11 +676,11 @@ def draw_table(rows: int, dim: int, start: int = 0, stop: int | None = None) -> 
     return weight
 
 
-def make_mlp(widths: list[int], sigmoid_last: bool) -> nn.Sequential:
+def make_mlp(widths: list[int], sigmoid_last: bool, kernels: TorchKernels) -> nn.Sequential:
     """Linear layers drawn from numpy's global generator, each followed by ReLU (Sigmoid last if asked)."""
     layers = []
     for i, (n, m) in enumerate(itertools.pairwise(widths)):
-        linear = nn.Linear(n, m, device="meta")
+        linear = Linear(n, m, kernels, device="meta")
         weight = np.random.normal(0.0, math.sqrt(2 / (m + n)), size=(m, n)).astype(np.float32)
         bias = np.random.normal(0.0, math.sqrt(1 / m), size=m).astype(np.float32)
         linear.weight = nn.Parameter(torch.from_numpy(weight))
@@ -695,10 +696,10 @@ class DensePath(nn.Module):
     Lazy mode compiles it into one graph; distributed runs wrap it in DDP.
     """
 
-    def __init__(self, args: argparse.Namespace, sizes: Sizes) -> None:
+    def __init__(self, args: argparse.Namespace, sizes: Sizes, kernels: TorchKernels) -> None:
         super().__init__()
-        self.bottom_mlp = make_mlp(sizes.bottom, sigmoid_last=False)
-        self.top_mlp = make_mlp(sizes.top, sigmoid_last=True)
+        self.bottom_mlp = make_mlp(sizes.bottom, sigmoid_last=False, kernels=kernels)
+        self.top_mlp = make_mlp(sizes.top, sigmoid_last=True, kernels=kernels)
         self.interaction, self.loss_threshold = args.arch_interaction_op, args.loss_threshold
         self.loss_function, self.bf16 = args.loss_function, args.data_type == "bf16"
         features = len(sizes.tables) + 1
@@ -766,7 +767,7 @@ class DLRM(nn.Module):
             if t in held:
                 tables.append(EmbeddingBag(weight, kernels))
         self.embeddings = nn.ModuleList(tables)
-        self.dense = DensePath(args, sizes)
+        self.dense = DensePath(args, sizes, kernels or TorchKernels())
         self.exchange = exchange
 
     def lookup(self, bags: list[BagBatch], local_batch: int) -> list[Tensor]:
@@ -1346,7 +1347,8 @@ class Trainer:
 
 
 class ServingDLRM(nn.Module):
-    """The trained network with torch's own embedding bags, which ONNX and serving runtimes understand.
+    """The trained network with torch's own embedding bags and linear layers, which ONNX and serving runtimes
+    understand.
 
     Inputs: the dense features, then each table's indices and bag offsets (one start per sample).
     """
@@ -1356,6 +1358,9 @@ class ServingDLRM(nn.Module):
         weights = [table.weight.detach().float().cpu().clone() for table in model.embeddings]
         self.tables = nn.ModuleList(nn.EmbeddingBag.from_pretrained(w, freeze=False, mode="sum") for w in weights)
         self.dense = copy.deepcopy(model.dense).float().cpu()
+        for layer in self.dense.modules():
+            if isinstance(layer, Linear):
+                layer.kernels = TorchKernels()  # torch's own products, which the ONNX exporter knows
 
     def forward(self, dense: Tensor, *bags: Tensor) -> Tensor:
         pooled = [table(bags[2 * t], bags[2 * t + 1]) for t, table in enumerate(self.tables)]

@@ -125,7 +125,11 @@ def preprocess_bags(
 
 
 class TorchKernels:
-    """The op's three kernels in torch ops, reading only the valid prefixes: the CPU and CUDA backends."""
+    """The op's three kernels in torch ops, reading only the valid prefixes, and the MLPs' linear layer: the CPU
+    and CUDA backends."""
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        return nn.functional.linear(x, weight, bias)
 
     def bag_sum(self, weight: Tensor, bags: BagBatch) -> Tensor:
         return nn.functional.embedding_bag(
@@ -155,6 +159,60 @@ class TorchKernels:
     def updated_rows(self, bags: BagBatch, table_rows: int) -> Tensor:
         """The table rows ``sparse_update`` writes, one per row of ``grads``."""
         return bags.unique_indices[: bags.num_unique].long()  # index_add_ on the CPU is 3x slower with int32
+
+
+class OneDNNKernels(TorchKernels):
+    """Eager mode on the CPU: torch's kernels, except that the MLPs' fp32 products run in oneDNN, 15-25 % faster
+    than torch's own (MKL's) at the medium configuration's shapes on an AMD Zen 4. Under autocast (bf16) torch's
+    linear layer casts and multiplies as before.
+
+    Each weight's gradient is written into a buffer kept per weight shape, while the gradient last written there
+    is gone: the in-backward dense optimizer drops each gradient as soon as it has stepped, so backward allocates
+    no 64 MB block per layer, and the heap does not grow around them.
+    """
+
+    def __init__(self) -> None:
+        self._weight_grads: dict[torch.Size, tuple[Tensor, nn.Parameter]] = {}
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type) or x.dtype != torch.float32:
+            return super().linear(x, weight, bias)
+        return _OneDNNLinear.apply(x, weight, bias, self)
+
+    def weight_grad(self, grad_output: Tensor, x: Tensor, weight: nn.Parameter) -> Tensor:
+        """``grad_output.T @ x``, in the buffer of ``weight``'s shape unless a gradient still holds it."""
+        buffer, last_owner = self._weight_grads.get(weight.shape, (None, None))
+        if buffer is None or (last_owner.grad is not None and last_owner.grad.data_ptr() == buffer.data_ptr()):
+            buffer = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        self._weight_grads[weight.shape] = buffer, weight
+        return torch.mm(grad_output.t(), x, out=buffer).view(weight.shape)  # a new tensor: autograd keeps it
+
+
+def _onednn_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight.T + bias`` by oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """A linear layer whose forward and input gradient are oneDNN's products. The weight's gradient stays torch's
+    ``mm``: oneDNN was no faster at that shape."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, kernels: OneDNNKernels) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.kernels = kernels
+        return _onednn_product(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        needs_x, needs_weight, needs_bias, _ = ctx.needs_input_grad
+        return (
+            _onednn_product(grad_output, weight.t(), None) if needs_x else None,
+            ctx.kernels.weight_grad(grad_output, x, weight) if needs_weight else None,
+            grad_output.sum(0) if needs_bias else None,
+            None,
+        )
 
 
 class WholeBufferKernels(TorchKernels):
@@ -236,6 +294,17 @@ class EmbeddingBag(nn.Module):
     def extra_repr(self) -> str:
         rows, dim = self.weight.shape
         return f"{rows}, {dim}, mode=sum"
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose product is the backend's kernel (oneDNN's in eager mode on the CPU)."""
+
+    def __init__(self, in_features: int, out_features: int, kernels: TorchKernels, device: str = "cpu") -> None:
+        super().__init__(in_features, out_features, device=device)
+        self.kernels = kernels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.kernels.linear(x, self.weight, self.bias)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -382,7 +451,8 @@ class Backend:
     def __init__(self, lazy: bool, local_rank: int = 0) -> None:
         self.lazy = lazy
         self.device = torch.device(self.device_type)
-        self.kernels = TorchKernels()
+        onednn = not lazy and self.device_type == "cpu" and torch.backends.mkldnn.is_available()
+        self.kernels = OneDNNKernels() if onednn else TorchKernels()  # lazy mode compiles torch's linear layer
 
     def group_rows(self, indices: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return group_rows(indices, bounds)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from dlrm_s_pytorch import make_mlp  # noqa: E402
-from habana_dlrm_ops import CompiledDenseOptimizer, CUDAGraphStep  # noqa: E402
+from habana_dlrm_ops import CompiledDenseOptimizer, CUDAGraphStep, TorchKernels  # noqa: E402
 
 CONFIG = ROOT / "hb_configs" / "single_node_dlrm_lazy_medium_bf16.yaml"
 ADAGRAD_BYTES = 4 + 4 + 2 + 4 + 4 + 2  # reads weight, state, bf16 gradient; writes weight, state, bf16 copy
@@ -29,7 +29,9 @@ class Mlps(nn.Module):
 
     def __init__(self, bottom: list[int], top: list[int]) -> None:
         super().__init__()
-        self.bottom, self.top = make_mlp(bottom, sigmoid_last=False), make_mlp(top, sigmoid_last=True)
+        kernels = TorchKernels()
+        self.bottom = make_mlp(bottom, sigmoid_last=False, kernels=kernels)
+        self.top = make_mlp(top, sigmoid_last=True, kernels=kernels)
 
     def forward(self, dense: Tensor, pooled: Tensor, targets: Tensor) -> Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):

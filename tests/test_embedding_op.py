@@ -8,6 +8,8 @@ import habana_dlrm_ops
 from habana_dlrm_ops import (
     DenseOptimizer,
     EmbeddingBag,
+    Linear,
+    OneDNNKernels,
     TorchKernels,
     WholeBufferKernels,
     adagrad_std,
@@ -169,3 +171,56 @@ def test_dense_optimizer_equals_torch_optim(optimizer: str, loss_scale: float) -
         assert all(p.grad is None for p in ours.parameters())
         for mine, theirs in zip(ours.parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+
+
+def linear_stack(kernels: TorchKernels) -> nn.Sequential:
+    """Three layers, two of the same shape, as ``make_mlp`` builds them."""
+    return nn.Sequential(Linear(6, 5, kernels), nn.ReLU(), Linear(5, 5, kernels), nn.ReLU(), Linear(5, 5, kernels))
+
+
+def test_onednn_linear_equals_torch_linear() -> None:
+    """oneDNN's products, forward and backward, against nn.Linear's: float32 summation order only."""
+    torch.manual_seed(0)
+    ours, reference = linear_stack(OneDNNKernels()), linear_stack(TorchKernels())
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(10, 6)
+    for _ in range(2):  # gradients accumulate into the first ones
+        torch.testing.assert_close(ours(x), reference(x), atol=1e-6, rtol=1e-6)
+        ours(x).square().sum().backward()
+        reference(x).square().sum().backward()
+    for mine, theirs in zip(ours.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-6, rtol=1e-6)
+    grads = [layer.weight.grad for layer in ours if isinstance(layer, Linear)]
+    assert len({g.untyped_storage().data_ptr() for g in grads}) == 3  # kept gradients never share a buffer
+
+
+def test_onednn_linear_reuses_one_gradient_buffer_per_shape_when_each_gradient_is_dropped() -> None:
+    torch.manual_seed(0)
+    kernels = OneDNNKernels()
+    ours, reference = linear_stack(kernels), linear_stack(TorchKernels())
+    reference.load_state_dict(ours.state_dict())
+    DenseOptimizer(list(ours.parameters()), "adagrad", lr=0.05)
+    ref_opt = reference_optimizer("adagrad", reference.parameters(), 0.05)
+    buffers = set()
+    for _ in range(3):
+        x = torch.randn(10, 6)
+        ours(x).square().mean().backward()
+        ref_opt.zero_grad()
+        reference(x).square().mean().backward()
+        ref_opt.step()
+        buffers |= {buffer.data_ptr() for buffer, _ in kernels._weight_grads.values()}
+    for mine, theirs in zip(ours.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-6)
+    assert len(buffers) == 2  # (5, 6) and (5, 5), over three steps and both 5 x 5 layers
+
+
+def test_onednn_kernels_leave_autocast_to_torch() -> None:
+    """Under autocast (bf16) the layer is torch's: its product runs in bf16, like nn.Linear's."""
+    torch.manual_seed(0)
+    ours, reference = linear_stack(OneDNNKernels()), linear_stack(TorchKernels())
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(10, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mine, theirs = ours(x), reference(x)
+    assert mine.dtype == torch.bfloat16
+    assert torch.equal(mine, theirs)
