@@ -136,7 +136,7 @@ def main() -> None:
     print_table(
         f"medium configuration, batch {BATCH}",
         ("precision", "mode", "ms/it", "samples/s", "peak RSS GB", "mm GFLOP/s", "floor ms", "x floor",
-         "oneDNN GFLOP/s", "x oneDNN"),
+         "oneDNN GF/s", "x oneDNN"),
         [
             (r["precision"], r["mode"], r["ms_per_it"], r["samples_per_s"], r["peak_rss_gb"], r["gemm_gflops"],
              r["floor_ms"], r["ms_over_floor"], r["onednn_gflops"], r["ms_over_onednn_floor"])
