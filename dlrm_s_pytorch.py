@@ -758,6 +758,7 @@ class DLRM(nn.Module):
         exchange: EmbeddingExchange | None = None,
     ) -> None:
         super().__init__()
+        kernels = kernels or TorchKernels()
         self.shards = shards or [Shard(t, 0, rows, 0) for t, rows in enumerate(sizes.tables)]
         held = {shard.table: shard for shard in self.shards}
         tables = []
@@ -767,7 +768,7 @@ class DLRM(nn.Module):
             if t in held:
                 tables.append(EmbeddingBag(weight, kernels))
         self.embeddings = nn.ModuleList(tables)
-        self.dense = DensePath(args, sizes, kernels or TorchKernels())
+        self.dense = DensePath(args, sizes, kernels)
         self.exchange = exchange
 
     def lookup(self, bags: list[BagBatch], local_batch: int) -> list[Tensor]:

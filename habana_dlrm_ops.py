@@ -188,7 +188,7 @@ class OneDNNKernels(TorchKernels):
         return torch.mm(grad_output.t(), x, out=buffer).view(weight.shape)  # a new tensor: autograd keeps it
 
 
-def _onednn_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def onednn_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``x @ weight.T + bias`` by oneDNN."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
@@ -201,14 +201,14 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, kernels: OneDNNKernels) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.kernels = kernels
-        return _onednn_product(x, weight, bias)
+        return onednn_product(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         needs_x, needs_weight, needs_bias, _ = ctx.needs_input_grad
         return (
-            _onednn_product(grad_output, weight.t(), None) if needs_x else None,
+            onednn_product(grad_output, weight.t(), None) if needs_x else None,
             ctx.kernels.weight_grad(grad_output, x, weight) if needs_weight else None,
             grad_output.sum(0) if needs_bias else None,
             None,
