@@ -6,6 +6,7 @@ from torch import nn
 
 import habana_dlrm_ops
 from habana_dlrm_ops import (
+    BufferedOneDNNKernels,
     DenseOptimizer,
     EmbeddingBag,
     Linear,
@@ -178,10 +179,11 @@ def linear_stack(kernels: TorchKernels) -> nn.Sequential:
     return nn.Sequential(Linear(6, 5, kernels), nn.ReLU(), Linear(5, 5, kernels), nn.ReLU(), Linear(5, 5, kernels))
 
 
-def test_onednn_linear_equals_torch_linear() -> None:
+@pytest.mark.parametrize("kernels", [OneDNNKernels, BufferedOneDNNKernels])
+def test_onednn_linear_equals_torch_linear(kernels: type[OneDNNKernels]) -> None:
     """oneDNN's products, forward and backward, against nn.Linear's: float32 summation order only."""
     torch.manual_seed(0)
-    ours, reference = linear_stack(OneDNNKernels()), linear_stack(TorchKernels())
+    ours, reference = linear_stack(kernels()), linear_stack(TorchKernels())
     reference.load_state_dict(ours.state_dict())
     x = torch.randn(10, 6)
     for _ in range(2):  # gradients accumulate into the first ones
@@ -194,9 +196,30 @@ def test_onednn_linear_equals_torch_linear() -> None:
     assert len({g.untyped_storage().data_ptr() for g in grads}) == 3  # kept gradients never share a buffer
 
 
+def test_compiled_onednn_linear_calls_onednn_and_equals_torch_linear() -> None:
+    """Lazy mode: inside a compiled graph the layers still multiply in oneDNN, forward and backward."""
+    torch.manual_seed(0)
+    ours, reference = linear_stack(OneDNNKernels()), linear_stack(TorchKernels())
+    reference.load_state_dict(ours.state_dict())
+    compiled = torch.compile(ours, fullgraph=True, dynamic=False)
+    x = torch.randn(10, 6)
+    compiled(x).square().sum().backward()  # compiles
+    for param in ours.parameters():
+        param.grad = None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        out = compiled(x)
+        out.square().sum().backward()
+    products = [event for event in profile.events() if event.name == "dlrm::onednn_product"]
+    assert len(products) == 3 + 2 + 3  # forward products, input gradients (x needs none), weight gradients
+    torch.testing.assert_close(out, reference(x), atol=1e-6, rtol=1e-6)
+    reference(x).square().sum().backward()
+    for mine, theirs in zip(ours.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-6, rtol=1e-6)
+
+
 def test_onednn_linear_reuses_one_gradient_buffer_per_shape_when_each_gradient_is_dropped() -> None:
     torch.manual_seed(0)
-    kernels = OneDNNKernels()
+    kernels = BufferedOneDNNKernels()
     ours, reference = linear_stack(kernels), linear_stack(TorchKernels())
     reference.load_state_dict(ours.state_dict())
     DenseOptimizer(list(ours.parameters()), "adagrad", lr=0.05)
@@ -217,7 +240,7 @@ def test_onednn_linear_reuses_one_gradient_buffer_per_shape_when_each_gradient_i
 def test_onednn_kernels_leave_autocast_to_torch() -> None:
     """Under autocast (bf16) the layer is torch's: its product runs in bf16, like nn.Linear's."""
     torch.manual_seed(0)
-    ours, reference = linear_stack(OneDNNKernels()), linear_stack(TorchKernels())
+    ours, reference = linear_stack(BufferedOneDNNKernels()), linear_stack(TorchKernels())
     reference.load_state_dict(ours.state_dict())
     x = torch.randn(10, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
