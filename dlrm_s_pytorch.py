@@ -1075,7 +1075,6 @@ class Trainer:
             for table in model.embeddings:
                 table.set_optimizer(args.optimizer, args.learning_rate)
         self.dense_path, self.optimizer = dense_step(args, model.dense, backend)
-        reuse_freed_host_memory()
         # a CUDA graph cannot hold the ranks' exchanges and DDP's hooks
         self.iteration = self.forward_backward if dist.is_initialized() else backend.capture(self.forward_backward)
         self.position, self.best = Position(), dict(accuracy=0.0, auc=0.0)
@@ -1205,6 +1204,8 @@ class Trainer:
                 if batch.samples < args.mini_batch_size:
                     print(f"Breaking out of the epoch as  batch was partial. Number of samples: {batch.samples}")
                     return j > start and self.end_epoch_early(j, nbatches, epoch)
+                if self.iterations_here == warmup:  # compiling, which allocates once, is over
+                    reuse_freed_host_memory()
                 begin = time.perf_counter()
                 scores = self.step(backend.to_device(batch))
                 self.iterations_here += 1
@@ -1502,8 +1503,8 @@ def reuse_freed_host_memory() -> None:
     By default glibc maps allocations over a few MB on their own and returns them, and the top of its heap, when
     freed; the kernel then zeroes the pages of every iteration's activations, weight casts and gradients again.
     Serving every allocation from a heap that is never trimmed made the medium step on the CPU 10-20 % faster in
-    eager mode and 20-25 % in lazy mode. Lazy mode pays 0.05-0.2 GB of peak memory for it: backward hands over
-    every gradient at once, and 64 MB holes stay in the heap.
+    eager mode and 20-25 % in lazy mode. Lazy mode calls this once compiling is over: kept, the compiler's own
+    allocations raised the peak by 0.25 GB.
     """
     mallopt = getattr(LIBC, "mallopt", None)
     if mallopt is None:

@@ -162,32 +162,25 @@ class TorchKernels:
 
 
 class OneDNNKernels(TorchKernels):
-    """The CPU: torch's kernels, except that the MLPs' fp32 products run in oneDNN, 10-25 % faster than torch's own
-    (MKL's) at the medium configuration's shapes on an AMD Zen 4. Under autocast (bf16) torch's linear layer casts
-    and multiplies as before.
+    """Eager mode on the CPU: torch's kernels, except that the MLPs' fp32 products run in oneDNN, 10-25 % faster than
+    torch's own (MKL's) at the medium configuration's shapes on an AMD Zen 4. Under autocast (bf16) torch's linear
+    layer casts and multiplies as before.
 
-    The product is an op of its own (``dlrm::onednn_product``), so lazy mode's compiled graph calls it as it is.
+    Each weight's gradient is written by torch's ``mm`` into a buffer kept per weight shape, while the gradient last
+    written there is gone: the in-backward dense optimizer drops each gradient as soon as it has stepped, so
+    backward allocates no 64 MB block per layer, and the heap does not grow around them.
     """
+
+    def __init__(self) -> None:
+        self._weight_grads: dict[torch.Size, tuple[Tensor, nn.Parameter]] = {}
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         if torch.is_autocast_enabled(x.device.type) or x.dtype != torch.float32:
             return super().linear(x, weight, bias)
         return _OneDNNLinear.apply(x, weight, bias, self)
 
-    def weight_grad(self, grad_output: Tensor, x: Tensor, weight: nn.Parameter) -> Tensor:
-        """``grad_output.T @ x``, by oneDNN too (10 % faster than torch's ``mm`` at the top MLP's shape)."""
-        return onednn_product(grad_output.t(), x.t(), None)
-
-
-class BufferedOneDNNKernels(OneDNNKernels):
-    """Eager mode on the CPU: the same products, but each weight's gradient is written by torch's ``mm`` into a
-    buffer kept per weight shape, while the gradient last written there is gone. The in-backward dense optimizer
-    drops each gradient as soon as it has stepped, so backward allocates no 64 MB block per layer, and the heap
-    does not grow around them.
-    """
-
-    def __init__(self) -> None:
-        self._weight_grads: dict[torch.Size, tuple[Tensor, nn.Parameter]] = {}
+    def product(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return onednn_product(x, weight, bias)
 
     def weight_grad(self, grad_output: Tensor, x: Tensor, weight: nn.Parameter) -> Tensor:
         """``grad_output.T @ x``, in the buffer of ``weight``'s shape unless a gradient still holds it."""
@@ -198,34 +191,50 @@ class BufferedOneDNNKernels(OneDNNKernels):
         return torch.mm(grad_output.t(), x, out=buffer).view(weight.shape)  # a new tensor: autograd keeps it
 
 
-@torch.library.custom_op("dlrm::onednn_product", mutates_args=())
+class CompiledOneDNNKernels(OneDNNKernels):
+    """Lazy mode on the CPU: the same layers inside the compiled graph, where the products are an op of its own
+    (``dlrm::onednn_product``), because Inductor lowers oneDNN's linear only for frozen (inference) weights. The
+    weight gradient is oneDNN's product too, 10 % faster than torch's ``mm`` at the top MLP's shape; it needs no
+    buffer, since the compiled backward hands over every gradient at once.
+    """
+
+    def product(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return compilable_onednn_product(x, weight, bias)
+
+    def weight_grad(self, grad_output: Tensor, x: Tensor, weight: nn.Parameter) -> Tensor:
+        return self.product(grad_output.t(), x.t(), None)
+
+
 def onednn_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``x @ weight.T + bias`` by oneDNN. An op of its own because Inductor lowers oneDNN's linear only for frozen
-    (inference) weights."""
+    """``x @ weight.T + bias`` by oneDNN."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-@onednn_product.register_fake
+# Called eagerly, a custom op loads torch's tracing machinery (70 MB): eager mode calls oneDNN's op directly.
+compilable_onednn_product = torch.library.custom_op("dlrm::onednn_product", onednn_product, mutates_args=())
+
+
+@compilable_onednn_product.register_fake
 def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty(*x.shape[:-1], weight.size(0))
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """A linear layer whose forward and input gradient are oneDNN's products, and whose weight gradient is the
-    kernels' ``weight_grad``."""
+    """A linear layer whose forward and input gradient are the kernels' oneDNN products, and whose weight gradient
+    is their ``weight_grad``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, kernels: OneDNNKernels) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.kernels = kernels
-        return onednn_product(x, weight, bias)
+        return kernels.product(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         needs_x, needs_weight, needs_bias, _ = ctx.needs_input_grad
         return (
-            onednn_product(grad_output, weight.t(), None) if needs_x else None,
+            ctx.kernels.product(grad_output, weight.t(), None) if needs_x else None,
             ctx.kernels.weight_grad(grad_output, x, weight) if needs_weight else None,
             grad_output.sum(0) if needs_bias else None,
             None,
@@ -470,7 +479,7 @@ class Backend:
         self.device = torch.device(self.device_type)
         self.kernels = TorchKernels()
         if self.device_type == "cpu" and torch.backends.mkldnn.is_available():
-            self.kernels = OneDNNKernels() if lazy else BufferedOneDNNKernels()
+            self.kernels = CompiledOneDNNKernels() if lazy else OneDNNKernels()
 
     def group_rows(self, indices: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return group_rows(indices, bounds)
