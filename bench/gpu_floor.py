@@ -1,13 +1,22 @@
-"""The GPU floor of the medium bf16 lazy step: its dense path and its dense update, alone and together.
+"""The GPU floor of the medium bf16 lazy step: its dense path and its dense update, alone and together, and
+whether the update can hide behind the products.
 
 Each piece runs as lazy mode runs it (the dense path compiled, the update compiled, the whole replayed as one CUDA
 graph), without the embedding op. Prints ms per replay (the median of 5 windows of 200 replays), the matrix
-products' rate and the update's memory traffic. Run it on a GPU machine: `bash bench/gpu_check.sh floor`.
+products' rate and the update's memory traffic.
+
+Then the overlap rows: each pair of linear layer and activation compiled on its own, and each parameter's update
+launched the moment backward has its gradient, on the same stream or on a second one. A second stream only helps
+if the update finds free SMs beside the products, so the rows keep the products off 0 to 48 of the card's SMs
+(torch's experimental SM carveout for cuBLAS). With ``--autotune``, also the dense path compiled with Inductor's
+max-autotune (minutes of compiling). Run it on a GPU machine: `bash bench/gpu_check.sh floor`.
 """
 
+import argparse
 import statistics
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
 
@@ -18,10 +27,12 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from dlrm_s_pytorch import make_mlp  # noqa: E402
-from habana_dlrm_ops import CompiledDenseOptimizer, CUDAGraphStep, TorchKernels  # noqa: E402
+from habana_dlrm_ops import CompiledDenseOptimizer, CUDAGraphStep, TorchKernels, adagrad_update  # noqa: E402
 
 CONFIG = ROOT / "hb_configs" / "single_node_dlrm_lazy_medium_bf16.yaml"
 ADAGRAD_BYTES = 4 + 4 + 2 + 4 + 4 + 2  # reads weight, state, bf16 gradient; writes weight, state, bf16 copy
+LR = 1e-5
+CARVEOUTS = (0, 16, 32, 48)  # SMs kept free of matrix products in the overlap rows
 
 
 class Mlps(nn.Module):
@@ -55,43 +66,161 @@ def replay_ms(step: Callable[[], None], replays: int = 200) -> float:
     return statistics.median(windows)
 
 
-def main() -> None:
-    parameters = yaml.safe_load(CONFIG.read_text())["parameters"]
-    batch, dim = parameters["mini-batch-size"], parameters["arch-sparse-feature-size"]
-    bottom = [int(w) for w in parameters["arch-mlp-bot"].split("-")]
-    top = [bottom[-1] + dim] + [int(w) for w in parameters["arch-mlp-top"].split("-")]
-    model = Mlps(bottom, top).cuda()
-    weights = list(model.parameters())
-    copies = {name: p.detach().to(torch.bfloat16).requires_grad_() for name, p in model.named_parameters()}
-    optimizer = CompiledDenseOptimizer(weights, "adagrad", lr=1e-5, bf16_copies=list(copies.values()))
-    loss = torch.compile(lambda *inputs: torch.func.functional_call(model, copies, inputs), fullgraph=True)
-    inputs = [torch.rand(batch, width, device="cuda") for width in (bottom[0], dim, 1)]
-    gradients = [torch.rand_like(copy) for copy in copies.values()]
+def blockwise_compiled(model: Mlps) -> Mlps:
+    """``model`` in bf16 (its parameters stand for the weight copies), each linear layer compiled with its
+    activation, so that backward hands over each layer's gradients before it moves to the layer below."""
+    for name in ("bottom", "top"):
+        layers = list(getattr(model, name))
+        blocks = [torch.compile(nn.Sequential(*layers[i : i + 2]), fullgraph=True) for i in range(0, len(layers), 2)]
+        setattr(model, name, nn.Sequential(*blocks))
+    return model.to(torch.bfloat16)
 
-    def dense_path() -> None:
-        loss(*inputs).backward()
-        for copy in copies.values():
-            copy.grad = None
 
-    def update() -> None:
-        for copy, gradient in zip(copies.values(), gradients, strict=True):
+@contextmanager
+def sm_carveout(sms: int):
+    """cuBLAS products launched inside leave ``sms`` SMs free."""
+    torch._C._set_sm_carveout_experimental(sms or None)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(None)
+
+
+def updating_in_backward(
+    copies: Mlps, weights: list[Tensor], side_stream: bool, inputs: list[Tensor]
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A step whose backward launches each parameter's Adagrad update (fp32 weight and state, bf16 copy) as soon
+    as its gradient is accumulated, on a second stream if ``side_stream``; and a function that removes the hooks."""
+    state = [torch.zeros_like(w) for w in weights]
+    stream = torch.cuda.Stream() if side_stream else None
+    in_flight: list[Tensor] = []
+
+    @torch.no_grad()
+    def launch(index: int, copy: Tensor) -> None:
+        flat = (weights[index].view(-1), copy.grad.reshape(-1), state[index].view(-1), copy.detach().view(-1))
+        if stream is None:
+            flat_adagrad(*flat)
+        else:
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                flat_adagrad(*flat)
+            in_flight.append(copy.grad)  # its memory is not reused before the streams join
+        copy.grad = None
+
+    hooks = [
+        copy.register_post_accumulate_grad_hook(lambda copy, index=index: launch(index, copy))
+        for index, copy in enumerate(copies.parameters())
+    ]
+
+    def step() -> None:
+        copies(*inputs).backward()
+        if stream is not None:
+            torch.cuda.current_stream().wait_stream(stream)
+            in_flight.clear()
+
+    def remove() -> None:
+        for hook in hooks:
+            hook.remove()
+
+    return step, remove
+
+
+@torch.compile(dynamic=True)  # one kernel for every parameter's size
+def flat_adagrad(weight: Tensor, grad: Tensor, state: Tensor, copy: Tensor) -> None:
+    adagrad_update(weight, grad.float(), state, LR)
+    copy.copy_(weight)
+
+
+class Floor:
+    """The medium configuration's MLPs on the GPU with bf16 weight copies, their compiled update, random inputs."""
+
+    def __init__(self) -> None:
+        parameters = yaml.safe_load(CONFIG.read_text())["parameters"]
+        self.batch, dim = parameters["mini-batch-size"], parameters["arch-sparse-feature-size"]
+        self.bottom = [int(w) for w in parameters["arch-mlp-bot"].split("-")]
+        self.top = [self.bottom[-1] + dim] + [int(w) for w in parameters["arch-mlp-top"].split("-")]
+        self.model = Mlps(self.bottom, self.top).cuda()
+        self.weights = list(self.model.parameters())
+        self.copies = {
+            name: p.detach().to(torch.bfloat16).requires_grad_() for name, p in self.model.named_parameters()
+        }
+        self.optimizer = CompiledDenseOptimizer(self.weights, "adagrad", lr=LR, bf16_copies=list(self.copies.values()))
+        self.inputs = [torch.rand(self.batch, width, device="cuda") for width in (self.bottom[0], dim, 1)]
+        self.gradients = [torch.rand_like(copy) for copy in self.copies.values()]
+
+    def compiled_loss(self, mode: str | None = None) -> Callable[[], Tensor]:
+        loss = torch.compile(
+            lambda *xs: torch.func.functional_call(self.model, self.copies, xs), fullgraph=True, mode=mode
+        )
+        return lambda: loss(*self.inputs)
+
+    def dense_path(self, loss: Callable[[], Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            loss().backward()
+            for copy in self.copies.values():
+                copy.grad = None
+
+        return step
+
+    def update(self) -> None:
+        for copy, gradient in zip(self.copies.values(), self.gradients, strict=True):
             copy.grad = gradient
-        optimizer.step()
+        self.optimizer.step()
 
-    def both() -> None:
-        loss(*inputs).backward()
-        optimizer.step()
+    def both(self, loss: Callable[[], Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            loss().backward()
+            self.optimizer.step()
 
-    multiply_adds = sum(n * m for widths in (bottom, top) for n, m in pairwise(widths))
-    elements = sum(p.numel() for p in weights)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: batch {batch}, {elements:,} parameters")
-    dense_ms, update_ms, both_ms = replay_ms(dense_path), replay_ms(update), replay_ms(both)
-    tflops = 6 * multiply_adds * batch / dense_ms / 1e9  # forward and backward: 3 x 2 FLOPs a multiply-add
-    print(f"dense path, forward and backward: {dense_ms:.3f} ms ({tflops:.0f} TFLOP/s)")
-    print(
-        f"dense Adagrad update:             {update_ms:.3f} ms ({ADAGRAD_BYTES * elements / update_ms / 1e9:.2f} TB/s)"
+        return step
+
+    def tflops(self, ms: float) -> str:  # forward and backward: 3 x 2 FLOPs a multiply-add
+        multiply_adds = sum(n * m for widths in (self.bottom, self.top) for n, m in pairwise(widths))
+        return f"{6 * multiply_adds * self.batch / ms / 1e9:.0f} TFLOP/s"
+
+    def terabytes_per_s(self, ms: float) -> str:
+        return f"{ADAGRAD_BYTES * sum(w.numel() for w in self.weights) / ms / 1e9:.2f} TB/s"
+
+    def samples(self, ms: float) -> str:
+        return f"{self.batch / ms * 1000:,.0f} samples/s"
+
+
+def serial_rows(floor: Floor, mode: str | None = None) -> None:
+    """The dense path, the update, and both one after the other, as lazy mode runs them."""
+    loss, name = floor.compiled_loss(mode), f" ({mode})" if mode else ""
+    dense_ms, update_ms, both_ms = (
+        replay_ms(step) for step in (floor.dense_path(loss), floor.update, floor.both(loss))
     )
-    print(f"both, as lazy mode runs them:     {both_ms:.3f} ms ({batch / both_ms * 1000:,.0f} samples/s)")
+    print(f"dense path, forward and backward{name}: {dense_ms:.3f} ms ({floor.tflops(dense_ms)})")
+    print(f"dense Adagrad update: {update_ms:.3f} ms ({floor.terabytes_per_s(update_ms)})")
+    print(f"both, as lazy mode runs them{name}: {both_ms:.3f} ms ({floor.samples(both_ms)})")
+
+
+def overlap_rows(floor: Floor) -> None:
+    print("each layer compiled alone, each parameter updated as backward hands over its gradient:")
+    blocks = blockwise_compiled(Mlps(floor.bottom, floor.top).cuda())
+    for side_stream, carveout in [(False, 0)] + [(True, c) for c in CARVEOUTS]:
+        step, remove = updating_in_backward(blocks, [w.detach() for w in floor.weights], side_stream, floor.inputs)
+        with sm_carveout(carveout):
+            ms = replay_ms(step)
+        remove()
+        where = f"second stream, products off {carveout:2d} SMs" if side_stream else "same stream"
+        print(f"  {where}: {ms:.3f} ms ({floor.samples(ms)})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--autotune", action="store_true", help="also time the dense path compiled with max-autotune")
+    autotune = parser.parse_args().autotune
+    floor = Floor()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    elements = sum(w.numel() for w in floor.weights)
+    print(f"{torch.cuda.get_device_name()} ({sms} SMs), torch {torch.__version__}", end=": ")
+    print(f"batch {floor.batch}, {elements:,} parameters")
+    serial_rows(floor)
+    overlap_rows(floor)
+    if autotune:
+        serial_rows(floor, "max-autotune-no-cudagraphs")
 
 
 if __name__ == "__main__":
