@@ -79,7 +79,10 @@ def blockwise_compiled(model: Mlps) -> Mlps:
 @contextmanager
 def sm_carveout(sms: int):
     """cuBLAS products launched inside leave ``sms`` SMs free."""
-    torch._C._set_sm_carveout_experimental(sms or None)
+    if not sms:
+        yield
+        return
+    torch._C._set_sm_carveout_experimental(sms)
     try:
         yield
     finally:
@@ -199,7 +202,8 @@ def serial_rows(floor: Floor, mode: str | None = None) -> None:
 def overlap_rows(floor: Floor) -> None:
     print("each layer compiled alone, each parameter updated as backward hands over its gradient:")
     blocks = blockwise_compiled(Mlps(floor.bottom, floor.top).cuda())
-    for side_stream, carveout in [(False, 0)] + [(True, c) for c in CARVEOUTS]:
+    carveouts = CARVEOUTS if hasattr(torch._C, "_set_sm_carveout_experimental") else (0,)  # not in every torch
+    for side_stream, carveout in [(False, 0)] + [(True, c) for c in carveouts]:
         step, remove = updating_in_backward(blocks, [w.detach() for w in floor.weights], side_stream, floor.inputs)
         with sm_carveout(carveout):
             ms = replay_ms(step)
