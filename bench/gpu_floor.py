@@ -5,8 +5,8 @@ Each piece runs as lazy mode runs it (the dense path compiled, the update compil
 graph), without the embedding op. Prints ms per replay (the median of 5 windows of 200 replays), the matrix
 products' rate and the update's memory traffic.
 
-Then the overlap rows: each pair of linear layer and activation compiled on its own, and each parameter's update
-launched the moment backward has its gradient, on the same stream or on a second one. A second stream only helps
+Then the overlap rows: each pair of linear layer and activation compiled on its own, and each layer's update
+launched the moment backward has its gradients, on the same stream or on a second one. A second stream only helps
 if the update finds free SMs beside the products, so the rows keep the products off 0 to 48 of the card's SMs
 (torch's experimental SM carveout for cuBLAS). With ``--autotune``, also the dense path compiled with Inductor's
 max-autotune (minutes of compiling). Run it on a GPU machine: `bash bench/gpu_check.sh floor`.
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from dlrm_s_pytorch import make_mlp  # noqa: E402
-from habana_dlrm_ops import CompiledDenseOptimizer, CUDAGraphStep, TorchKernels, adagrad_update  # noqa: E402
+from habana_dlrm_ops import CompiledDenseOptimizer, CUDAGraphStep, TorchKernels  # noqa: E402
 
 CONFIG = ROOT / "hb_configs" / "single_node_dlrm_lazy_medium_bf16.yaml"
 ADAGRAD_BYTES = 4 + 4 + 2 + 4 + 4 + 2  # reads weight, state, bf16 gradient; writes weight, state, bf16 copy
@@ -90,33 +90,38 @@ def sm_carveout(sms: int):
 
 
 def updating_in_backward(
-    copies: Mlps, weights: list[Tensor], side_stream: bool, inputs: list[Tensor]
+    blocks: Mlps, side_stream: bool, inputs: list[Tensor]
 ) -> tuple[Callable[[], None], Callable[[], None]]:
-    """A step whose backward launches each parameter's Adagrad update (fp32 weight and state, bf16 copy) as soon
-    as its gradient is accumulated, on a second stream if ``side_stream``; and a function that removes the hooks."""
-    state = [torch.zeros_like(w) for w in weights]
+    """A step whose backward updates each layer (lazy mode's compiled Adagrad on fp32 weights, writing ``blocks``'
+    bf16 parameters as its copies) as soon as the layer's gradients are accumulated, on a second stream if
+    ``side_stream``; and a function that removes the hooks."""
     stream = torch.cuda.Stream() if side_stream else None
     in_flight: list[Tensor] = []
 
-    @torch.no_grad()
-    def launch(index: int, copy: Tensor) -> None:
-        flat = (weights[index].view(-1), copy.grad.reshape(-1), state[index].view(-1), copy.detach().view(-1))
+    def launch(layer: list[Tensor], optimizer: CompiledDenseOptimizer) -> None:
+        if any(copy.grad is None for copy in layer):
+            return
         if stream is None:
-            flat_adagrad(*flat)
-        else:
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                flat_adagrad(*flat)
-            in_flight.append(copy.grad)  # its memory is not reused before the streams join
-        copy.grad = None
+            optimizer.step()
+            return
+        in_flight.extend(copy.grad for copy in layer)  # their memory is not reused before the streams join
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            optimizer.step()
 
-    hooks = [
-        copy.register_post_accumulate_grad_hook(lambda copy, index=index: launch(index, copy))
-        for index, copy in enumerate(copies.parameters())
-    ]
+    params = list(blocks.parameters())
+    hooks = []
+    for layer in zip(params[::2], params[1::2], strict=True):  # each linear layer's weight and bias
+        optimizer = CompiledDenseOptimizer([p.detach().float() for p in layer], "adagrad", LR, list(layer))
+        hooks += [
+            copy.register_post_accumulate_grad_hook(
+                lambda _, layer=layer, optimizer=optimizer: launch(layer, optimizer)
+            )
+            for copy in layer
+        ]
 
     def step() -> None:
-        copies(*inputs).backward()
+        blocks(*inputs).backward()
         if stream is not None:
             torch.cuda.current_stream().wait_stream(stream)
             in_flight.clear()
@@ -126,12 +131,6 @@ def updating_in_backward(
             hook.remove()
 
     return step, remove
-
-
-@torch.compile(dynamic=True)  # one kernel for every parameter's size
-def flat_adagrad(weight: Tensor, grad: Tensor, state: Tensor, copy: Tensor) -> None:
-    adagrad_update(weight, grad.float(), state, LR)
-    copy.copy_(weight)
 
 
 class Floor:
@@ -200,11 +199,11 @@ def serial_rows(floor: Floor, mode: str | None = None) -> None:
 
 
 def overlap_rows(floor: Floor) -> None:
-    print("each layer compiled alone, each parameter updated as backward hands over its gradient:")
+    print("each layer compiled alone, and updated as soon as backward hands over its gradients:")
     blocks = blockwise_compiled(Mlps(floor.bottom, floor.top).cuda())
     carveouts = CARVEOUTS if hasattr(torch._C, "_set_sm_carveout_experimental") else (0,)  # not in every torch
     for side_stream, carveout in [(False, 0)] + [(True, c) for c in carveouts]:
-        step, remove = updating_in_backward(blocks, [w.detach() for w in floor.weights], side_stream, floor.inputs)
+        step, remove = updating_in_backward(blocks, side_stream, floor.inputs)
         with sm_carveout(carveout):
             ms = replay_ms(step)
         remove()
