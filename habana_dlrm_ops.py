@@ -162,9 +162,29 @@ class TorchKernels:
 
 
 class OneDNNKernels(TorchKernels):
-    """Eager mode on the CPU: torch's kernels, except that the MLPs' fp32 products run in oneDNN, 10-25 % faster than
-    torch's own (MKL's) at the medium configuration's shapes on an AMD Zen 4. Under autocast (bf16) torch's linear
-    layer casts and multiplies as before.
+    """The CPU: torch's kernels, except that the MLPs' fp32 products run in oneDNN, 10-25 % faster than torch's own
+    (MKL's) at the medium configuration's shapes on an AMD Zen 4. Under autocast (bf16) torch's linear layer casts
+    and multiplies as before.
+
+    As lazy mode runs them: the product is an op of its own (``dlrm::onednn_product``), because Inductor lowers
+    oneDNN's linear only for frozen (inference) weights, and the weight gradient is torch's ``mm``.
+    """
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type) or x.dtype != torch.float32:
+            return super().linear(x, weight, bias)
+        return _OneDNNLinear.apply(x, weight, bias, self)
+
+    def product(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return compilable_onednn_product(x, weight, bias)
+
+    def weight_grad(self, grad_output: Tensor, x: Tensor, weight: nn.Parameter) -> Tensor:
+        return torch.mm(grad_output.t(), x)
+
+
+class BufferedOneDNNKernels(OneDNNKernels):
+    """Eager mode on the CPU: the same products, with oneDNN's op called directly (a custom op, called eagerly,
+    loads torch's tracing machinery, 70 MB).
 
     Each weight's gradient is written by torch's ``mm`` into a buffer kept per weight shape, while the gradient last
     written there is gone: the in-backward dense optimizer drops each gradient as soon as it has stepped, so
@@ -173,11 +193,6 @@ class OneDNNKernels(TorchKernels):
 
     def __init__(self) -> None:
         self._weight_grads: dict[torch.Size, tuple[Tensor, nn.Parameter]] = {}
-
-    def linear(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        if torch.is_autocast_enabled(x.device.type) or x.dtype != torch.float32:
-            return super().linear(x, weight, bias)
-        return _OneDNNLinear.apply(x, weight, bias, self)
 
     def product(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return onednn_product(x, weight, bias)
@@ -191,26 +206,11 @@ class OneDNNKernels(TorchKernels):
         return torch.mm(grad_output.t(), x, out=buffer).view(weight.shape)  # a new tensor: autograd keeps it
 
 
-class CompiledOneDNNKernels(OneDNNKernels):
-    """Lazy mode on the CPU: the same layers inside the compiled graph, where the products are an op of its own
-    (``dlrm::onednn_product``), because Inductor lowers oneDNN's linear only for frozen (inference) weights. The
-    weight gradient is torch's ``mm`` without a buffer, since the compiled backward hands over every gradient at
-    once.
-    """
-
-    def product(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return compilable_onednn_product(x, weight, bias)
-
-    def weight_grad(self, grad_output: Tensor, x: Tensor, weight: nn.Parameter) -> Tensor:
-        return torch.mm(grad_output.t(), x)
-
-
 def onednn_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``x @ weight.T + bias`` by oneDNN."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-# Called eagerly, a custom op loads torch's tracing machinery (70 MB): eager mode calls oneDNN's op directly.
 compilable_onednn_product = torch.library.custom_op("dlrm::onednn_product", onednn_product, mutates_args=())
 
 
@@ -479,7 +479,7 @@ class Backend:
         self.device = torch.device(self.device_type)
         self.kernels = TorchKernels()
         if self.device_type == "cpu" and torch.backends.mkldnn.is_available():
-            self.kernels = CompiledOneDNNKernels() if lazy else OneDNNKernels()
+            self.kernels = OneDNNKernels() if lazy else BufferedOneDNNKernels()
 
     def group_rows(self, indices: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return group_rows(indices, bounds)

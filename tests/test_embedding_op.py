@@ -6,7 +6,7 @@ from torch import nn
 
 import habana_dlrm_ops
 from habana_dlrm_ops import (
-    CompiledOneDNNKernels,
+    BufferedOneDNNKernels,
     DenseOptimizer,
     EmbeddingBag,
     Linear,
@@ -179,7 +179,7 @@ def linear_stack(kernels: TorchKernels) -> nn.Sequential:
     return nn.Sequential(Linear(6, 5, kernels), nn.ReLU(), Linear(5, 5, kernels), nn.ReLU(), Linear(5, 5, kernels))
 
 
-@pytest.mark.parametrize("kernels", [OneDNNKernels, CompiledOneDNNKernels])
+@pytest.mark.parametrize("kernels", [OneDNNKernels, BufferedOneDNNKernels])
 def test_onednn_linear_equals_torch_linear(kernels: type[OneDNNKernels]) -> None:
     """oneDNN's products, forward and backward, against nn.Linear's: float32 summation order only."""
     torch.manual_seed(0)
@@ -199,7 +199,7 @@ def test_onednn_linear_equals_torch_linear(kernels: type[OneDNNKernels]) -> None
 def test_compiled_onednn_linear_calls_onednn_and_equals_torch_linear() -> None:
     """Lazy mode: inside a compiled graph the layers still multiply in oneDNN, forward and input gradient."""
     torch.manual_seed(0)
-    ours, reference = linear_stack(CompiledOneDNNKernels()), linear_stack(TorchKernels())
+    ours, reference = linear_stack(OneDNNKernels()), linear_stack(TorchKernels())
     reference.load_state_dict(ours.state_dict())
     compiled = torch.compile(ours, fullgraph=True, dynamic=False)
     x = torch.randn(10, 6)
@@ -219,7 +219,7 @@ def test_compiled_onednn_linear_calls_onednn_and_equals_torch_linear() -> None:
 
 def test_onednn_linear_reuses_one_gradient_buffer_per_shape_when_each_gradient_is_dropped() -> None:
     torch.manual_seed(0)
-    kernels = OneDNNKernels()
+    kernels = BufferedOneDNNKernels()
     ours, reference = linear_stack(kernels), linear_stack(TorchKernels())
     reference.load_state_dict(ours.state_dict())
     DenseOptimizer(list(ours.parameters()), "adagrad", lr=0.05)
@@ -240,7 +240,7 @@ def test_onednn_linear_reuses_one_gradient_buffer_per_shape_when_each_gradient_i
 def test_onednn_kernels_leave_autocast_to_torch() -> None:
     """Under autocast (bf16) the layer is torch's: its product runs in bf16, like nn.Linear's."""
     torch.manual_seed(0)
-    ours, reference = linear_stack(OneDNNKernels()), linear_stack(TorchKernels())
+    ours, reference = linear_stack(BufferedOneDNNKernels()), linear_stack(TorchKernels())
     reference.load_state_dict(ours.state_dict())
     x = torch.randn(10, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
