@@ -408,7 +408,7 @@ class CompiledDenseOptimizer:
             raise ValueError(f"unknown optimizer {name!r}")
         self.params, self.name, self.lr, self.copies = params, name, lr, bf16_copies
         self.state = [torch.zeros_like(p) for p in params] if name == "adagrad" else []
-        self._update = torch.compile(self._update_all, fullgraph=True, dynamic=False)
+        self._update = torch.compile(self.update_all, fullgraph=True, dynamic=False)
 
     def accumulators(self) -> list[Tensor]:
         return self.state
@@ -420,7 +420,8 @@ class CompiledDenseOptimizer:
         for holder in holders:
             holder.grad = None
 
-    def _update_all(self, grads: list[Tensor]) -> None:
+    def update_all(self, grads: list[Tensor]) -> None:
+        """One step from ``grads`` (one per parameter, in order), uncompiled: ``step`` compiles it."""
         for index, (param, grad) in enumerate(zip(self.params, grads, strict=True)):
             grad = grad.float()  # a bf16 copy's gradient, upcast as autocast would
             if self.name == "adagrad":

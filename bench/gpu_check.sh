@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check (issue 4): the CUDA tests, then the medium configuration eager and lazy in fp32 and bf16 with
 # --measure-perf, printing samples/s and peak GPU memory, then the floor of bf16 lazy and whether its update can
-# overlap the products (bench/gpu_floor.py); with "autotune", the floor with Inductor's max-autotune too; with
-# "profile", the slowest GPU kernels of bf16 lazy. Uses the machine's own python3 (torch 2.11-2.14).
+# overlap the products or fuse with them in one graph (bench/gpu_floor.py); with "autotune", the floor with
+# Inductor's max-autotune too; with "profile", the slowest GPU kernels of bf16 lazy. Uses the machine's own python3
+# (torch 2.11-2.14).
 # Usage: bash bench/gpu_check.sh [tests|medium|floor|autotune|all|profile] [num_batches]
 set -u
 cd "$(dirname "$0")/.."
@@ -37,12 +38,12 @@ fi
 
 if [ "$what" = floor ] || [ "$what" = all ]; then
     echo "== floor of medium bf16 lazy"
-    timeout 240 $python bench/gpu_floor.py 2>&1 | grep -v Warning | tail -15
+    timeout 300 $python -u bench/gpu_floor.py 2>&1 | grep -v Warning | tail -20
 fi
 
 if [ "$what" = autotune ]; then
     echo "== floor of medium bf16 lazy, and with max-autotune"
-    timeout 540 $python bench/gpu_floor.py --autotune 2>&1 | grep -v Warning | tail -15
+    timeout 540 $python -u bench/gpu_floor.py --autotune 2>&1 | grep -v Warning | tail -20
 fi
 
 if [ "$what" = profile ]; then

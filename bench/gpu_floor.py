@@ -3,7 +3,8 @@ whether the update can hide behind the products.
 
 Each piece runs as lazy mode runs it (the dense path compiled, the update compiled, the whole replayed as one CUDA
 graph), without the embedding op. Prints ms per replay (the median of 5 windows of 200 replays), the matrix
-products' rate and the update's memory traffic.
+products' rate and the update's memory traffic. Then both traced as one graph with ``torch.func.grad``, which lets
+the compiler place each layer's update right after its gradient and, under max-autotune, fuse it into the product.
 
 Then the overlap rows: each pair of linear layer and activation compiled on its own, and each layer's update
 launched the moment backward has its gradients, on the same stream or on a second one. A second stream only helps
@@ -176,6 +177,26 @@ class Floor:
 
         return step
 
+    def one_graph(self, mode: str | None = None) -> Callable[[], None]:
+        """Forward, backward and the update traced as one graph (``torch.func.grad``): the compiler may then update
+        each layer as soon as its gradient is ready and, with max-autotune, fuse the update into the product that
+        makes the gradient. The pooled rows' gradient is computed too, as the embedding op needs it."""
+        dense, pooled, targets = self.inputs
+        copies = {name: copy.detach() for name, copy in self.copies.items()}  # no input of the graph needs grad
+        weights = [w.detach() for w in self.weights]
+        optimizer = CompiledDenseOptimizer(weights, "adagrad", lr=LR, bf16_copies=list(copies.values()))
+
+        def loss(copies: dict[str, Tensor], pooled: Tensor) -> Tensor:
+            return torch.func.functional_call(self.model, copies, (dense, pooled, targets))
+
+        def step() -> Tensor:
+            grads, pooled_grad = torch.func.grad(loss, argnums=(0, 1))(copies, pooled)
+            with torch.no_grad():
+                optimizer.update_all(list(grads.values()))
+            return pooled_grad
+
+        return torch.compile(step, fullgraph=True, mode=mode)
+
     def tflops(self, ms: float) -> str:  # forward and backward: 3 x 2 FLOPs a multiply-add
         multiply_adds = sum(n * m for widths in (self.bottom, self.top) for n, m in pairwise(widths))
         return f"{6 * multiply_adds * self.batch / ms / 1e9:.0f} TFLOP/s"
@@ -196,6 +217,8 @@ def serial_rows(floor: Floor, mode: str | None = None) -> None:
     print(f"dense path, forward and backward{name}: {dense_ms:.3f} ms ({floor.tflops(dense_ms)})")
     print(f"dense Adagrad update: {update_ms:.3f} ms ({floor.terabytes_per_s(update_ms)})")
     print(f"both, as lazy mode runs them{name}: {both_ms:.3f} ms ({floor.samples(both_ms)})")
+    one_graph_ms = replay_ms(floor.one_graph(mode))
+    print(f"both, traced as one graph{name}: {one_graph_ms:.3f} ms ({floor.samples(one_graph_ms)})")
 
 
 def overlap_rows(floor: Floor) -> None:
