@@ -38,12 +38,12 @@ fi
 
 if [ "$what" = floor ] || [ "$what" = all ]; then
     echo "== floor of medium bf16 lazy"
-    timeout 300 $python -u bench/gpu_floor.py 2>&1 | grep -v Warning | tail -20
+    timeout 300 $python -u bench/gpu_floor.py 2>&1 | grep -v Warning | tail -30
 fi
 
 if [ "$what" = autotune ]; then
     echo "== floor of medium bf16 lazy, and with max-autotune"
-    timeout 540 $python -u bench/gpu_floor.py --autotune 2>&1 | grep -v Warning | tail -20
+    timeout 540 $python -u bench/gpu_floor.py --autotune 2>&1 | grep -v Warning | tail -30
 fi
 
 if [ "$what" = profile ]; then

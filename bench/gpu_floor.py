@@ -9,8 +9,10 @@ the compiler place each layer's update right after its gradient and, under max-a
 Then the overlap rows: each pair of linear layer and activation compiled on its own, and each layer's update
 launched the moment backward has its gradients, on the same stream or on a second one. A second stream only helps
 if the update finds free SMs beside the products, so the rows keep the products off 0 to 48 of the card's SMs
-(torch's experimental SM carveout for cuBLAS). With ``--autotune``, also the dense path compiled with Inductor's
-max-autotune (minutes of compiling). Run it on a GPU machine: `bash bench/gpu_check.sh floor`.
+(torch's experimental SM carveout for cuBLAS). Then the fused rows (``fused_adagrad.py``): each layer's weight
+gradient and its update made by one Triton kernel, with a check of one step against the unfused update. With
+``--autotune``, also the serial rows compiled with Inductor's max-autotune (minutes of compiling). Run it on a GPU
+machine: `bash bench/gpu_check.sh floor`.
 """
 
 import argparse
@@ -29,6 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from dlrm_s_pytorch import make_mlp  # noqa: E402
 from habana_dlrm_ops import CompiledDenseOptimizer, CUDAGraphStep, TorchKernels  # noqa: E402
+
+try:  # Triton comes with torch's CUDA builds
+    from fused_adagrad import TILES, FusedMlp
+except ImportError:
+    TILES, FusedMlp = [], None
 
 CONFIG = ROOT / "hb_configs" / "single_node_dlrm_lazy_medium_bf16.yaml"
 ADAGRAD_BYTES = 4 + 4 + 2 + 4 + 4 + 2  # reads weight, state, bf16 gradient; writes weight, state, bf16 copy
@@ -197,6 +204,20 @@ class Floor:
 
         return torch.compile(step, fullgraph=True, mode=mode)
 
+    def updating_in_backward(self, tile: dict | None) -> tuple[Callable[[], None], list]:
+        """A step of uncompiled bf16 layers that update themselves in backward (``fused_adagrad``), on copies of the
+        weights, and the layers."""
+        bottom, top = (FusedMlp(mlp, LR, tile) for mlp in (self.model.bottom, self.model.top))
+        dense, pooled, targets = self.inputs
+        dense, pooled = dense.to(torch.bfloat16), pooled.to(torch.bfloat16).requires_grad_()
+
+        def step() -> None:
+            scores = top(torch.cat([bottom(dense), pooled], dim=1))
+            nn.functional.binary_cross_entropy(scores.float(), targets).backward()
+            pooled.grad = None
+
+        return step, bottom.layers + top.layers
+
     def tflops(self, ms: float) -> str:  # forward and backward: 3 x 2 FLOPs a multiply-add
         multiply_adds = sum(n * m for widths in (self.bottom, self.top) for n, m in pairwise(widths))
         return f"{6 * multiply_adds * self.batch / ms / 1e9:.0f} TFLOP/s"
@@ -234,6 +255,26 @@ def overlap_rows(floor: Floor) -> None:
         print(f"  {where}: {ms:.3f} ms ({floor.samples(ms)})")
 
 
+def fused_rows(floor: Floor) -> None:
+    if FusedMlp is None:
+        print("no fused rows: Triton does not import")
+        return
+    print("uncompiled bf16 layers, each weight gradient and its update one Triton kernel in backward:")
+    plain, plain_layers = floor.updating_in_backward(None)
+    fused, fused_layers = floor.updating_in_backward(TILES[0])
+    plain()
+    fused()
+    # Adagrad's first step moves each weight by lr times the sign of its gradient, so only gradients within rounding
+    # of zero may land apart (by 2 lr); a wrong kernel moves about half of them apart.
+    pairs = list(zip(plain_layers, fused_layers, strict=True))
+    apart = sum(int(((a.weight - b.weight).abs() > LR / 100).sum()) for a, b in pairs)
+    print(f"  one step against torch's product, then the update: {apart:,} weights more than lr/100 apart")
+    for tile in TILES:
+        ms = replay_ms(floor.updating_in_backward(tile)[0])
+        shape = f"{tile['BLOCK_ROWS']}x{tile['BLOCK_COLS']}x{tile['BLOCK_BATCH']}, {tile['num_warps']} warps"
+        print(f"  tiles {shape}: {ms:.3f} ms ({floor.samples(ms)})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--autotune", action="store_true", help="also time the dense path compiled with max-autotune")
@@ -245,6 +286,7 @@ def main() -> None:
     print(f"batch {floor.batch}, {elements:,} parameters")
     serial_rows(floor)
     overlap_rows(floor)
+    fused_rows(floor)
     if autotune:
         serial_rows(floor, "max-autotune-no-cudagraphs")
 
