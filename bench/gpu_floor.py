@@ -193,8 +193,8 @@ class Floor:
         weights = [w.detach() for w in self.weights]
         optimizer = CompiledDenseOptimizer(weights, "adagrad", lr=LR, bf16_copies=list(copies.values()))
 
-        def loss(copies: dict[str, Tensor], pooled: Tensor) -> Tensor:
-            return torch.func.functional_call(self.model, copies, (dense, pooled, targets))
+        def loss(read: dict[str, Tensor], pooled: Tensor) -> Tensor:
+            return torch.func.functional_call(self.model, read, (dense, pooled, targets))
 
         def step() -> Tensor:
             grads, pooled_grad = torch.func.grad(loss, argnums=(0, 1))(copies, pooled)
@@ -204,7 +204,7 @@ class Floor:
 
         return torch.compile(step, fullgraph=True, mode=mode)
 
-    def updating_in_backward(self, tile: dict | None) -> tuple[Callable[[], None], list]:
+    def self_updating_layers(self, tile: dict | None) -> tuple[Callable[[], None], list]:
         """A step of uncompiled bf16 layers that update themselves in backward (``fused_adagrad``), on copies of the
         weights, and the layers."""
         bottom, top = (FusedMlp(mlp, LR, tile) for mlp in (self.model.bottom, self.model.top))
@@ -260,8 +260,8 @@ def fused_rows(floor: Floor) -> None:
         print("no fused rows: Triton does not import")
         return
     print("uncompiled bf16 layers, each weight gradient and its update one Triton kernel in backward:")
-    plain, plain_layers = floor.updating_in_backward(None)
-    fused, fused_layers = floor.updating_in_backward(TILES[0])
+    plain, plain_layers = floor.self_updating_layers(None)
+    fused, fused_layers = floor.self_updating_layers(TILES[0])
     plain()
     fused()
     # Adagrad's first step moves each weight by lr times the sign of its gradient, so only gradients within rounding
@@ -270,14 +270,14 @@ def fused_rows(floor: Floor) -> None:
     apart = sum(int(((a.weight - b.weight).abs() > LR / 100).sum()) for a, b in pairs)
     print(f"  one step against torch's product, then the update: {apart:,} weights more than lr/100 apart")
     for tile in TILES:
-        ms = replay_ms(floor.updating_in_backward(tile)[0])
+        ms = replay_ms(floor.self_updating_layers(tile)[0])
         shape = f"{tile['BLOCK_ROWS']}x{tile['BLOCK_COLS']}x{tile['BLOCK_BATCH']}, {tile['num_warps']} warps"
         print(f"  tiles {shape}: {ms:.3f} ms ({floor.samples(ms)})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--autotune", action="store_true", help="also time the dense path compiled with max-autotune")
+    parser.add_argument("--autotune", action="store_true", help="also the serial rows compiled with max-autotune")
     autotune = parser.parse_args().autotune
     floor = Floor()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
