@@ -17,7 +17,7 @@ $python -c "import sys, torch; print('python', sys.version.split()[0], 'torch', 
 if [ "$what" = tests ] || [ "$what" = all ]; then
     echo "== CUDA tests"
     timeout 300 $python -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_embedding_op.py \
-        tests/test_criteo_training.py -k cuda 2>&1 | tail -25
+        tests/test_criteo_training.py tests/test_fused_adagrad.py -k cuda 2>&1 | tail -25
 fi
 
 if [ "$what" = medium ] || [ "$what" = all ]; then
