@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check (issue 4): the CUDA tests, then the medium configuration eager and lazy in fp32 and bf16 with
-# --measure-perf, printing samples/s and peak GPU memory, then the floor of bf16 lazy and whether its update can
-# overlap the products or fuse with them in one graph (bench/gpu_floor.py); with "autotune", the floor with
-# Inductor's max-autotune too; with "profile", the slowest GPU kernels of bf16 lazy. Uses the machine's own python3
-# (torch 2.11-2.14).
+# The GPU check (issue 4), "all": the CUDA tests, then the medium configuration eager and lazy in fp32 and bf16 with
+# --measure-perf, printing samples/s and peak GPU memory. "floor": the floor of bf16 lazy and whether its update can
+# overlap the products or fuse with them (bench/gpu_floor.py); "autotune": the floor with Inductor's max-autotune
+# too; "profile": the slowest GPU kernels of bf16 lazy. Uses the machine's own python3 (torch 2.11-2.14).
 # Usage: bash bench/gpu_check.sh [tests|medium|floor|autotune|all|profile] [num_batches]
 set -u
 cd "$(dirname "$0")/.."
@@ -36,7 +35,7 @@ if [ "$what" = medium ] || [ "$what" = all ]; then
     done
 fi
 
-if [ "$what" = floor ] || [ "$what" = all ]; then
+if [ "$what" = floor ]; then
     echo "== floor of medium bf16 lazy"
     timeout 300 $python -u bench/gpu_floor.py 2>&1 | grep -v Warning | tail -30
 fi
