@@ -8,16 +8,12 @@ products. The arithmetic is the product's: the gradient is rounded to bf16, as a
 then ``adagrad_update`` and the bf16 copy follow element by element.
 """
 
-import sys
-from pathlib import Path
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from habana_dlrm_ops import ADAGRAD_EPS, adagrad_update  # noqa: E402
+from habana_dlrm_ops import ADAGRAD_EPS, adagrad_update  # the importer puts the repository root on sys.path
 
 TILES = [  # the kernel's launch shapes the floor tries
     dict(BLOCK_ROWS=128, BLOCK_COLS=128, BLOCK_BATCH=64, num_warps=8, num_stages=3),
