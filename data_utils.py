@@ -280,7 +280,7 @@ def _prepare_bins(args: argparse.Namespace, files: CriteoFiles) -> Processed:
 
 def _write_bin(path: Path, rows: DayRows, order: np.ndarray | range) -> None:
     """Rows as int32 records [label, I1..I13, C1..C26], the original's bin layout."""
-    with _atomic(path) as temp, open(temp, "wb") as out:
+    with atomic_write(path) as temp, open(temp, "wb") as out:
         for start in range(0, len(order), BLOCK_ROWS):
             dense, categorical, labels = rows.take(np.asarray(order[start : start + BLOCK_ROWS]))
             out.write(np.column_stack((labels, dense, categorical)).astype(np.int32).tobytes())
@@ -1027,8 +1027,8 @@ def _uniform_per_line(seed: int, day: int, lines: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class _atomic:
-    """``with _atomic(path) as temp``: write temp; on success it replaces path, on failure it is removed."""
+class atomic_write:
+    """``with atomic_write(path) as temp``: write temp; on success it replaces path, on failure it is removed."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.temp = path, path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -1048,7 +1048,7 @@ Member = np.ndarray | tuple[tuple[int, ...], np.dtype, Iterable[np.ndarray | byt
 
 def _write_npz(path: Path, members: dict[str, Member]) -> None:
     """An uncompressed npz (so that it can be memory-mapped), each array given whole or as (shape, dtype, blocks)."""
-    with _atomic(path) as temp, zipfile.ZipFile(temp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with atomic_write(path) as temp, zipfile.ZipFile(temp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for name, member in members.items():
             shape, dtype, blocks = (member.shape, member.dtype, [member]) if isinstance(member, np.ndarray) else member
             header = {
@@ -1151,7 +1151,11 @@ def _store_uncompressed(path: Path) -> None:
         if all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist()):
             return
     _status(f"Rewriting {path} uncompressed, so that it can be memory-mapped")
-    with zipfile.ZipFile(path) as source, _atomic(path) as temp, zipfile.ZipFile(temp, "w", allowZip64=True) as out:
+    with (
+        zipfile.ZipFile(path) as source,
+        atomic_write(path) as temp,
+        zipfile.ZipFile(temp, "w", allowZip64=True) as out,
+    ):
         for info in source.infolist():
             with source.open(info) as data, out.open(info.filename, "w", force_zip64=True) as copy:
                 while block := data.read(CHUNK_BYTES):

@@ -287,6 +287,7 @@ UNAVAILABLE = [
 ]  # fmt: skip
 
 # Flags that only mean something with one kind of data
+LOADERS_PER_CORE = 4  # more --num-workers only compete for the cores (and each one costs memory)
 DATA_FLAGS = {
     "dataset": (
         "data_set", "raw_data_file", "processed_data_file", "data_randomize", "max_ind_range", "data_sub_sample_rate",
@@ -380,6 +381,11 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
         if not value >= (1 if dest in positive else 0) or not math.isfinite(value):
             bound = "positive" if dest in positive else "zero or more"
             raise UsageError(f"--{dest.replace('_', '-')}: must be {bound}, got {value}")
+    cores = len(os.sched_getaffinity(0))
+    for dest in ("num_workers", "test_num_workers"):
+        if getattr(args, dest) > LOADERS_PER_CORE * cores:
+            raise UsageError(f"--{dest.replace('_', '-')} {getattr(args, dest)}: more than {LOADERS_PER_CORE} loader "
+                             f"processes for each of this machine's {cores} cores")  # fmt: skip
     if args.num_batches == 0 and args.data_size < 1:
         raise UsageError(f"--data-size: must be positive (or --num-batches set), got {args.data_size}")
     if not 0 <= args.numpy_rand_seed < 2**32:
@@ -984,18 +990,17 @@ def checkpoint_file(path: str, rank: int) -> Path:
 def write_checkpoint(path: Path, state: dict) -> None:
     """Atomically: into a temporary file beside it, flushed to disk, then renamed over the previous one. With
     several ranks, every rank's file is written before any is renamed, so the set stays consistent."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "wb") as f:
+        with data_utils.atomic_write(path) as temporary, open(temporary, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        if dist.is_initialized():
-            dist.barrier()
-        os.replace(temporary, path)
-    except OSError as e:
-        raise CheckpointError(f"--save-model {path}: cannot write it ({e.strerror})") from None
+            if dist.is_initialized():
+                dist.barrier()
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError, in its own words
+        why = e.strerror if isinstance(e, OSError) else "the write stopped part-way: is the disk full?"
+        raise CheckpointError(f"--save-model {path}: cannot write it ({why})") from None
 
 
 def read_checkpoint(path: Path) -> dict:

@@ -1,6 +1,7 @@
 """Checkpoints (``--save-model``, ``--load-model``): exact resume, atomic writes, signals, and bad files."""
 
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -126,6 +127,26 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path: 
     assert checkpoint["position"]["iteration"] >= 1
     resumed = run_script(*TINY[:-1], *big, "--num-batches=3", "--nepochs=2", "--load-model", str(path), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
+
+
+def test_a_failed_write_stops_with_one_line_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    argv = [*TINY[:-1], "--arch-embedding-size=200000-7", "--arch-mlp-top=12-4-1", "--num-batches=2"]
+    assert run_script(*argv, "--save-model", str(path)).returncode == 0
+    previous = path.read_bytes()
+    assert len(previous) > 2**21
+    full_disk = subprocess.run(  # files over 1 MB cannot be written: torch.save fails part-way, as on a full disk
+        [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *argv, "--save-model", str(path)],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert full_disk.returncode == 2
+    assert full_disk.stderr.count("\n") == 1 and "Traceback" not in full_disk.stderr, full_disk.stderr
+    assert f"--save-model {path}: cannot write it" in full_disk.stderr
+    assert path.read_bytes() == previous
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
 
 def test_inference_only_evaluates_a_loaded_model(tmp_path: Path) -> None:

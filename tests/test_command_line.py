@@ -108,6 +108,7 @@ BAD_INPUTS = {
     "learning rate not a number": (["--learning-rate=nan"], "--learning-rate: must be zero or more, got nan"),
     "interaction-itself with cat": (["--arch-interaction-itself"], "applies only with --arch-interaction-op dot"),
     "config not text": (["--config=/bin/sh"], "--config /bin/sh: not a text file"),
+    "loader processes by the thousand": (["--num-workers=100000"], "more than 4 loader processes for each of"),
 }
 
 
