@@ -962,10 +962,12 @@ class MLPerfLog:
     def __init__(self, enabled: bool) -> None:
         self.logger = self.constants = None
         if enabled:
-            with contextlib.suppress(ImportError):
+            try:
                 from mlperf_logging import mllog
 
                 self.logger, self.constants = mllog.get_mllogger(), mllog.constants
+            except ImportError:
+                print("--mlperf-logging: the mlperf-logging package is not installed; no compliance log is written")
 
     def log(self, kind: str, key: str, value: object = None, **metadata: object) -> None:
         """``kind``: start, end or event (a point in time); ``key``: a name in ``mllog.constants``."""

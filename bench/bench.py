@@ -74,12 +74,12 @@ def script_times(flags: list[str], iterations: int) -> tuple[list[float], float]
         sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *flags, f"--num-batches={iterations}",
         "--print-freq=1", "--print-time", "--device=cpu",
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    stdout, stderr = process.stdout.read(), process.stderr.read()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    output = process.stdout.read()  # one pipe: two could each fill while the other is being read
     _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage, unlike RUSAGE_CHILDREN
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"bench: {' '.join(flags)} failed:\n{stderr}")
-    return [float(ms) for ms in MS_PER_IT.findall(stdout)][1:], usage.ru_maxrss * 1024 / 1e9
+        sys.exit(f"bench: {' '.join(flags)} failed:\n{output[-4000:]}")
+    return [float(ms) for ms in MS_PER_IT.findall(output)][1:], usage.ru_maxrss * 1024 / 1e9
 
 
 def run_medium(precision: str, mode: str, iterations: int) -> dict:

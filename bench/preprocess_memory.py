@@ -70,10 +70,10 @@ def measure(raw: Path) -> dict:
     while child.poll() is None:
         peak = max(peak, tree_pss_bytes(child.pid))
         time.sleep(0.05)
-    distinct = child.stdout.read().split()[-1]
     if child.returncode:
         raise SystemExit(f"preprocessing failed with exit code {child.returncode}")
-    return dict(wall_s=round(time.perf_counter() - began, 1), peak_pss_mb=round(peak / 2**20), distinct=int(distinct))
+    distinct = int(child.stdout.read().split()[-1])
+    return dict(wall_s=round(time.perf_counter() - began, 1), peak_pss_mb=round(peak / 2**20), distinct=distinct)
 
 
 def main() -> None:

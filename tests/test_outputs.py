@@ -72,17 +72,27 @@ def test_plot_compute_graph_writes_graphviz_source(tmp_path: Path) -> None:
     assert source.startswith("digraph") and "EmbeddingBag" in source
 
 
-def test_plot_compute_graph_without_torchviz_says_so_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "package, flags, notice",
+    [
+        ("torchviz", ["--plot-compute-graph"], "--plot-compute-graph: torchviz is not installed"),
+        ("tensorboard", ["--tensorboard=tb"], "--tensorboard: the tensorboard package is not installed"),
+        ("mlperf_logging", ["--mlperf-logging"], "--mlperf-logging: the mlperf-logging package is not installed"),
+    ],
+)
+def test_an_optional_package_missing_is_said_in_one_line(
+    package: str, flags: list[str], notice: str, tmp_path: Path
+) -> None:
     hidden = tmp_path / "hide"
-    (hidden / "torchviz").mkdir(parents=True)
-    (hidden / "torchviz" / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
-    command = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *TINY, "--num-batches=1", "--plot-compute-graph"]
+    (hidden / package).mkdir(parents=True)
+    (hidden / package / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    command = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *TINY, "--num-batches=1", *flags]
     result = subprocess.run(
         command, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(hidden)}
     )
     assert result.returncode == 0, result.stderr
-    assert "--plot-compute-graph: torchviz is not installed" in result.stdout
-    assert not (tmp_path / "dlrm_s_pytorch_graph.dot").exists()
+    assert notice in result.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["hide"]  # no graph, no event files
 
 
 def test_synthetic_trace_data_trains(tmp_path: Path) -> None:
