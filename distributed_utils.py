@@ -134,7 +134,8 @@ class Shard:
     rank: int
 
     def __str__(self) -> str:
-        return f"table {self.table} rows {self.start}-{self.stop - 1}"
+        rows = f"{self.start}-{self.stop - 1}" if self.stop > self.start else "none"
+        return f"table {self.table} rows {rows}"
 
 
 def plan_tables(table_rows: list[int], world_size: int) -> list[Shard]:

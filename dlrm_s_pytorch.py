@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -46,6 +46,7 @@ from habana_dlrm_ops import (
     DeviceUnavailable,
     EmbeddingBag,
     Linear,
+    MlpOptimizer,
     RowGrouper,
     TorchKernels,
     preprocess_bags,
@@ -313,7 +314,7 @@ def _check_memory(args: argparse.Namespace, sizes: Sizes) -> None:
     weights += sum((n + 1) * m for layers in (sizes.bottom, sizes.top) for n, m in itertools.pairwise(layers))
     copies = 2 if args.optimizer == "adagrad" and not args.inference_only else 1
     activations = args.mini_batch_size * (sum(sizes.bottom) + sum(sizes.top)) * 3  # forward, backward, spare
-    index_buffers = args.mini_batch_size * args.num_indices_per_lookup * len(sizes.tables) * 4 * 2  # 4 int64
+    index_buffers = args.mini_batch_size * args.num_indices_per_lookup * len(sizes.tables) * 4  # 4 int32 buffers
     needed = 4 * (weights * copies + activations + index_buffers)
     available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if needed > available:
@@ -781,9 +782,6 @@ class DLRM(nn.Module):
         pooled = [table(table_bags) for table, table_bags in zip(self.embeddings, bags, strict=True)]
         return self.exchange(pooled, local_batch) if self.exchange else pooled
 
-    def forward(self, dense: Tensor, bags: list[BagBatch], targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.dense(dense, self.lookup(bags, dense.size(0)), targets)
-
     def named_weights(self) -> Iterator[tuple[str, Tensor]]:
         for shard, table in zip(self.shards, self.embeddings, strict=True):
             yield str(shard), table.weight
@@ -791,7 +789,7 @@ class DLRM(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Training loop
+# What each iteration needs: its statistics, and the dense path with its optimizer
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -838,7 +836,9 @@ def distributed_loss(loss: Tensor) -> float:
     return total.item()
 
 
-def dense_step(args: argparse.Namespace, dense: DensePath, backend: Backend):
+def dense_step(
+    args: argparse.Namespace, dense: DensePath, backend: Backend
+) -> tuple[Callable[..., tuple[Tensor, Tensor, Tensor]], MlpOptimizer | None]:
     """The dense path as the loop calls it (compiled in lazy mode, in DDP when distributed), and its optimizer."""
     distributed, training = dist.is_initialized(), not args.inference_only
     copies = None
@@ -1265,7 +1265,7 @@ class Trainer:
         """Forward and loss, and when training backward (the sparse updates run inside) and the dense step."""
         scores, loss, stats = self.forward(batch)
         if self.training:
-            loss.backward()  # the sparse updates happen in here, and in eager mode the dense ones
+            loss.backward()  # the sparse updates happen in here, and the dense ones with DenseOptimizer
             self.optimizer.step()
         return scores, loss, stats
 
@@ -1331,10 +1331,10 @@ class Trainer:
                 break
             batch = self.backend.to_device(batch)
             batch_scores, _, stats = self.forward(batch)
-            losses.append(stats[0].clone())  # a CUDA graph's outputs are overwritten by its next replay
-            correct += stats[1].clone()
-            non_finite += stats[2].clone()
-            scores.append(batch_scores.detach().float().view(-1).clone())
+            losses.append(stats[0])
+            correct += stats[1]
+            non_finite += stats[2]
+            scores.append(batch_scores.detach().float().view(-1))
             targets.append(batch.targets.view(-1))
             self.backend.mark_step()
         if int(non_finite):
@@ -1409,13 +1409,14 @@ def export_onnx(model: DLRM, batch: Batch, path: str) -> None:
     print(f"onnxruntime on one batch: largest difference from PyTorch {np.abs(scores - expected).max():.3g}")
 
 
-def plot_compute_graph(model: DLRM, batch: Batch, name: str = "dlrm_s_pytorch_graph") -> None:
+def plot_compute_graph(model: DLRM, batch: Batch) -> None:
     """The autograd graph of one forward pass, as Graphviz source (and a PDF when Graphviz is installed)."""
     try:
         from torchviz import make_dot
     except ImportError:
         print("--plot-compute-graph: torchviz is not installed (pip install torchviz), no graph drawn")
         return
+    name = "dlrm_s_pytorch_graph"
     serving = ServingDLRM(model)
     graph = make_dot(serving(*serving_inputs(batch)).mean(), params=dict(serving.named_parameters()))
     Path(f"{name}.dot").write_text(graph.source)

@@ -9,8 +9,10 @@ The original built this for Gaudi; the design is kept on every device:
 2. ``EmbeddingBag``: the forward sums each bag's rows; the backward sums one gradient row per distinct index
    and the table's sparse SGD or Adagrad updates it (and its Adagrad state) in place. The table never holds
    a ``.grad``.
-3. ``DenseOptimizer``: SGD or Adagrad for the MLPs, applied to each parameter as soon as autograd has its
-   gradient, so the MLPs' gradients never all exist at once.
+3. The MLPs' SGD or Adagrad: in eager mode on the CPU and CUDA (``DenseOptimizer``) applied to each parameter as
+   soon as autograd has its gradient, so the MLPs' gradients never all exist at once; in lazy mode one compiled
+   step after backward (``CompiledDenseOptimizer``); on Gaudi, and when ranks average gradients, torch's
+   optimizer or the bridge's ``FusedAdagrad`` after backward.
 4. ``Backend``: what differs between the CPU, a CUDA GPU and a Gaudi card (where tensors live, the kernels,
    the dense optimizer, what lazy mode compiles, ``mark_step``, and on CUDA the iteration replayed as one
    graph). ``select_backend`` picks one.
@@ -454,6 +456,9 @@ class StepAfterBackward:
         return [self.optimizer.state[p]["sum"] for p in params if "sum" in self.optimizer.state[p]]
 
 
+MlpOptimizer = DenseOptimizer | CompiledDenseOptimizer | StepAfterBackward  # each has step() and accumulators()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Backends
 # ---------------------------------------------------------------------------------------------------------
@@ -485,7 +490,7 @@ class Backend:
     def group_rows(self, indices: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return group_rows(indices, bounds)
 
-    def to_device(self, batch):  # a batch of the script's, or a BagBatch: anything with .to()
+    def to_device(self, batch: T) -> T:  # a batch of the script's, or a BagBatch: anything with .to()
         return batch.to(self.device, non_blocking=self.pin_memory)
 
     def compile(self, fn: Callable) -> Callable:
@@ -498,7 +503,7 @@ class Backend:
         lr: float,
         in_backward: bool = True,
         bf16_copies: list[Tensor] | None = None,
-    ) -> DenseOptimizer | CompiledDenseOptimizer | StepAfterBackward:
+    ) -> MlpOptimizer:
         """Eager: inside backward, unless the gradients must first be averaged across ranks; lazy: compiled."""
         if self.lazy:
             return CompiledDenseOptimizer(params, name, lr, bf16_copies)
@@ -600,7 +605,7 @@ def _tensors(value: Any) -> Iterator[Tensor]:
 class HPUKernels(TorchKernels):
     """The op's kernels as the original called them on Gaudi (``habana_frameworks.torch.hpex``)."""
 
-    def __init__(self, bag_kernels, sparse_adagrad, sparse_sgd) -> None:
+    def __init__(self, bag_kernels: Any, sparse_adagrad: Callable, sparse_sgd: Callable) -> None:
         self.bag_kernels, self.sparse_adagrad, self.sparse_sgd = bag_kernels, sparse_adagrad, sparse_sgd
         self.grad_buffers: dict[tuple, Tensor] = {}
         self.lr_tensors: dict[tuple, Tensor] = {}
@@ -640,7 +645,6 @@ class HPUBackend(Backend):
     device_type = "hpu"
     banner = "Using HPU..."
     process_group = "hccl"
-    dense_chunk = None
     bf16_copies = False
 
     def __init__(self, lazy: bool, local_rank: int = 0) -> None:

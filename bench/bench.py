@@ -33,6 +33,7 @@ from habana_dlrm_ops import onednn_product  # noqa: E402
 
 MEDIUM = ROOT / "hb_configs" / "single_node_dlrm_eager_medium_{}.yaml"
 BATCH = 512
+GEMM_REPEATS = 10  # timed products per rate, the first left out
 GOALS = dict(fp32_x_floor=1.10, bf16_x_floor=1.25, embedding_vs_fbgemm=0.8, kaggle_vs_torchrec=1.3, fp32_peak_gb=2.9)
 MS_PER_IT = re.compile(r"^Finished training it \d+/\d+ of epoch \d+, ([\d.]+) ms/it", re.M)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -47,7 +48,7 @@ def mlp_gflop_per_iteration(precision: str) -> float:
     return 3 * 2 * multiply_adds * BATCH / 1e9
 
 
-def gemm_gflops(dtype: torch.dtype, library: str = "torch.mm", repeats: int = 10) -> float:
+def gemm_gflops(dtype: torch.dtype, library: str) -> float:
     """The best rate of a matrix product at the top MLP's shape (512 x 4096 x 4096), the first call left out:
     torch.mm's (the goals' floor), or oneDNN's, which eager fp32 training uses and which is faster on some CPUs.
 
@@ -61,7 +62,7 @@ def gemm_gflops(dtype: torch.dtype, library: str = "torch.mm", repeats: int = 10
         "oneDNN": lambda: onednn_product(a, b, None),  # the product eager fp32 training uses
     }[library]
     rates = []
-    for _ in range(repeats):
+    for _ in range(GEMM_REPEATS):
         start = time.perf_counter()
         multiply()
         rates.append(2 * BATCH * 4096 * 4096 / (time.perf_counter() - start) / 1e9)

@@ -18,7 +18,7 @@ machine: `bash bench/gpu_check.sh floor`.
 import argparse
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
@@ -85,7 +85,7 @@ def blockwise_compiled(model: Mlps) -> Mlps:
 
 
 @contextmanager
-def sm_carveout(sms: int):
+def sm_carveout(sms: int) -> Iterator[None]:
     """cuBLAS products launched inside leave ``sms`` SMs free."""
     if not sms:
         yield

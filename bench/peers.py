@@ -11,10 +11,12 @@ Every time is the median of the iterations after a warm-up one; the embedding op
 untimed, so that each implementation has touched the same rows of its (fresh, lazily mapped) memory.
 """
 
+import argparse
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,7 +42,7 @@ MEDIUM_CONFIG = ROOT / "hb_configs" / "single_node_dlrm_eager_medium_fp32.yaml"
 LR, EPS = 0.01, 1e-10
 
 
-def median_ms(step, iterations: int) -> float:
+def median_ms(step: Callable[[], object], iterations: int) -> float:
     times = []
     for _ in range(iterations + 1):
         start = time.perf_counter()
@@ -49,7 +51,7 @@ def median_ms(step, iterations: int) -> float:
     return statistics.median(times[1:])
 
 
-def raw_batches(argv: list[str], count: int):
+def raw_batches(argv: list[str], count: int) -> tuple[argparse.Namespace, dlrm_s_pytorch.Sizes, list[tuple]]:
     """The script's own random batches: (dense, per-table offsets, per-table indices, targets)."""
     args, sizes, _ = dlrm_s_pytorch.parse_command_line([*argv, f"--num-batches={count}"])
     dataset = dlrm_s_pytorch.RandomDataset(args, sizes)
@@ -115,7 +117,7 @@ def embedding(iterations: int = 10) -> dict:
     return result
 
 
-def make_fbgemm(rows: int, dim: int, initial: torch.Tensor):
+def make_fbgemm(rows: int, dim: int, initial: torch.Tensor) -> nn.Module | None:
     try:
         from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
@@ -184,7 +186,7 @@ def kaggle_torchrec(iterations: int = 10) -> dict:
 class PlainDLRM(nn.Module):
     """The script's dense path behind plain ``nn.EmbeddingBag(sparse=True)`` tables and ``torch.optim.Adagrad``."""
 
-    def __init__(self, args, sizes) -> None:
+    def __init__(self, args: argparse.Namespace, sizes: dlrm_s_pytorch.Sizes) -> None:
         super().__init__()
         model = dlrm_s_pytorch.DLRM(args, sizes)  # the same initial weights
         self.tables = nn.ModuleList(
@@ -193,7 +195,9 @@ class PlainDLRM(nn.Module):
         )
         self.dense = model.dense
 
-    def forward(self, dense, offsets, indices, targets):
+    def forward(
+        self, dense: torch.Tensor, offsets: list[torch.Tensor], indices: list[torch.Tensor], targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pooled = [table(i, o) for table, o, i in zip(self.tables, offsets, indices, strict=True)]
         return self.dense(dense, pooled, targets)
 

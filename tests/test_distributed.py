@@ -236,6 +236,7 @@ def test_plan_places_largest_first_and_splits_what_is_too_big() -> None:
     assert plan_tables([5, 3], world_size=4) == [
         Shard(t, rows * r // 4, rows * (r + 1) // 4, r) for r in range(4) for t, rows in enumerate([5, 3])
     ]  # fewer tables than ranks: every table split
+    assert [str(s) for s in plan_tables([3], world_size=4) if s.rank < 2] == ["table 0 rows none", "table 0 rows 0-0"]
 
 
 def test_exchange_bytes_for_the_medium_configuration() -> None:
