@@ -21,7 +21,9 @@ import collections
 import contextlib
 import dataclasses
 import fcntl
+import glob
 import itertools
+import json
 import math
 import multiprocessing
 import multiprocessing.pool
@@ -138,6 +140,15 @@ class CriteoFiles:
     def bin_file(self, split: str) -> Path:
         return self.processed.with_name(f"{self.processed.name.split('.')[0]}_{split}.bin")
 
+    def day_outputs(self) -> list[Path]:
+        """What preprocessing has left beside the raw data so far: counts, dictionaries, days, pass 1's runs."""
+        return sorted(self.stem.parent.glob(f"{glob.escape(self.stem.name)}_*.npz"))
+
+    @staticmethod
+    def record(made: Path) -> Path:
+        """Ours only: beside a processed file (for the day files: beside the stem), the flags it was made with."""
+        return made.with_name(f"{made.name.split('.')[0]}_made_with.json")
+
     def require_raw(self, purpose: str) -> Path:
         if self.raw is None:
             raise DataError(f"--raw-data-file: needed to find {purpose} (they sit beside the raw data)")
@@ -172,6 +183,42 @@ class Processed:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def shaping_flags(args: argparse.Namespace, bins: bool = False) -> dict[str, object]:
+    """The flags that decide what processed files hold, as the command line spells them (bins: also their order)."""
+    flags: dict[str, object] = {
+        "--max-ind-range": args.max_ind_range,
+        "--data-sub-sample-rate": args.data_sub_sample_rate,
+    }
+    if bins:
+        flags["--data-randomize"] = args.data_randomize
+    if args.data_sub_sample_rate > 0 or (bins and args.data_randomize != "none"):
+        flags["--numpy-rand-seed"] = args.numpy_rand_seed
+    return flags
+
+
+def _made_with(record: Path, flags: dict[str, object], made: list[Path], what: str) -> None:
+    """Stop if the processed files in ``made`` that exist were made with other ``flags`` than this run's (as far
+    as their record says: files from the original script, or from before records, have none). With none made
+    yet, record ``flags`` for the files about to be made."""
+    if not any(path.exists() for path in made):
+        record.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(record) as temp:
+            temp.write_text(json.dumps(flags) + "\n")
+        return
+    if not record.exists():
+        return
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise DataError(f"{record}: not a record of flags; delete it to use the processed files as they are")
+    for flag in {**saved, **flags}:
+        if saved.get(flag) != flags.get(flag):
+            asked = f"{flag} {flags[flag]}" if flag in flags else f"no {flag}"
+            raise DataError(f"{asked}: {what} made with {flag} {saved.get(flag)} (delete to make again)")
+
+
 def prepare(args: argparse.Namespace) -> Processed:
     """Make sure processed data exists for the flags (preprocess the raw data when needed), return its description.
 
@@ -203,9 +250,10 @@ def _one_process_at_a_time(processed: Path) -> Iterator[None]:
 
 
 def _prepare_concatenated(args: argparse.Namespace, files: CriteoFiles) -> Processed:
+    if not files.processed.exists() and files.raw is None:
+        raise DataError(f"--processed-data-file {files.processed}: no such file, and no --raw-data-file")
+    _made_with(files.record(files.processed), shaping_flags(args), [files.processed], f"{files.processed} was")
     if not files.processed.exists():
-        if files.raw is None:
-            raise DataError(f"--processed-data-file {files.processed}: no such file, and no --raw-data-file")
         days = _prepare_days(args, files, mappable=False)
         _status(f"Writing {files.processed}")
         _concatenate(days.day_files, days.rows_per_day, days.counts, files.processed)
@@ -234,6 +282,8 @@ def _even_split(total: int, days: int) -> list[int]:
 
 
 def _prepare_days(args: argparse.Namespace, files: CriteoFiles, mappable: bool) -> Processed:
+    what = f"the processed files beside {files.raw} ({files.stem.name}_*.npz) were"
+    _made_with(files.record(files.stem), shaping_flags(args), files.day_outputs(), what)
     if not _days_complete(files):
         _preprocess(args, files)
     rows_per_day = _load_day_counts(files)
@@ -265,6 +315,8 @@ def _load_counts(files: CriteoFiles) -> list[int]:
 
 def _prepare_bins(args: argparse.Namespace, files: CriteoFiles) -> Processed:
     bins = {split: files.bin_file(split) for split in ("train", "test", "val")}
+    what = f"{files.bin_file('*')} were"
+    _made_with(files.record(bins["train"]), shaping_flags(args, bins=True), list(bins.values()), what)
     if not all(path.exists() for path in bins.values()):
         days = _prepare_days(args, files, mappable=True)
         # Rows in the order --data-randomize gives from a freshly seeded generator, as the datasets would draw it.

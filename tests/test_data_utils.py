@@ -213,6 +213,32 @@ def test_sub_sampling_drops_negatives_only_and_repeats(tmp_path: Path, monkeypat
             tmp_path / "kaggleAdDisplayChallenge_processed.npz")[name])  # fmt: skip
 
 
+def test_processed_files_made_with_other_flags_are_not_used(tmp_path: Path) -> None:
+    raw = write_kaggle(tmp_path, 600)
+    concatenated = tmp_path / "kaggleAdDisplayChallenge_processed.npz"
+    cases = [  # (flags the files are made with, then flags that must not use them, the message)
+        ({}, dict(data_sub_sample_rate=0.5), f"--data-sub-sample-rate 0.5: {concatenated} was made with "
+                                             "--data-sub-sample-rate 0.0 (delete to make again)"),
+        (dict(memory_map=True), dict(memory_map=True, max_ind_range=7), "--max-ind-range 7: the processed files "
+                                f"beside {raw} (train_*.npz) were made with --max-ind-range -1 (delete to make again)"),
+        (dict(mlperf_bin_loader=True), dict(mlperf_bin_loader=True, data_randomize="total"),
+         f"--data-randomize total: {tmp_path}/kaggleAdDisplayChallenge_processed_*.bin were made with "
+         "--data-randomize none (delete to make again)"),
+    ]  # fmt: skip
+    for made_with, other, message in cases:
+        data_utils.prepare(make_args(raw, **made_with))
+        data_utils.prepare(make_args(raw, **made_with, numpy_rand_seed=5))  # the seed shapes nothing here
+        with pytest.raises(DataError) as error:
+            data_utils.prepare(make_args(raw, **other))
+        assert str(error.value) == message
+    sub_sampled = make_args(raw, data_sub_sample_rate=0.5, memory_map=True)
+    for made in tmp_path.glob("train_*.npz"):
+        made.unlink()  # the record stays, with nothing it speaks for
+    data_utils.prepare(sub_sampled)
+    with pytest.raises(DataError, match="^--numpy-rand-seed 5: .* made with --numpy-rand-seed 123 "):
+        data_utils.prepare(make_args(**{**vars(sub_sampled), "numpy_rand_seed": 5}))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Memory-map mode, the bin loader, the original's files
 # ---------------------------------------------------------------------------------------------------------
@@ -286,6 +312,7 @@ def test_reads_the_originals_concatenated_file(tmp_path: Path) -> None:
     args = make_args(processed_data_file=path, mini_batch_size=30)
     processed = data_utils.prepare(args)
 
+    assert not list(tmp_path.glob("*made_with*"))  # what flags made it is not known, so nothing says so
     assert processed.counts == arrays["counts"].tolist() and processed.rows_per_day == [100] * 7
     train, test = data_utils.criteo_datasets(args, processed)
     assert_rows_equal(all_rows(train), rows_of(arrays, np.arange(600)))
