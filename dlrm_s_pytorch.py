@@ -196,6 +196,8 @@ CONFIG_KEYS = {"model", "env_variables", "parameters"}
 
 
 def _read_text(flag: str, path: str) -> str:
+    if Path(path).exists() and not Path(path).is_file():  # a pipe can't be read twice, /dev/zero never ends
+        raise UsageError(f"{flag} {path}: not a regular file")
     try:
         return Path(path).read_text()
     except OSError as e:
@@ -206,10 +208,15 @@ def _read_text(flag: str, path: str) -> str:
 
 def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], dict[str, str]]:
     """Read an ``hb_configs`` YAML file into command-line arguments and environment variables."""
+    text = _read_text("--config", path)
     try:
-        config = yaml.safe_load(_read_text("--config", path))
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise UsageError(f"--config {path}: YAML aliases (*name) are not supported")  # they can expand without end
+        config = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise UsageError(f"--config {path}: nested too deeply") from None
     if not isinstance(config, dict):
         raise UsageError(f"--config {path}: expected a mapping with keys {sorted(CONFIG_KEYS)}")
     unknown = sorted(map(str, config.keys() - CONFIG_KEYS))
@@ -288,7 +295,7 @@ UNAVAILABLE = [
 ]  # fmt: skip
 
 # Flags that only mean something with one kind of data
-LOADERS_PER_CORE = 4  # more --num-workers only compete for the cores (and each one costs memory)
+PROCESSES_PER_CORE = 4  # loader processes, or self-started ranks: more only compete for the cores, and cost memory
 DATA_FLAGS = {
     "dataset": (
         "data_set", "raw_data_file", "processed_data_file", "data_randomize", "max_ind_range", "data_sub_sample_rate",
@@ -350,19 +357,45 @@ def _check_one_rank_flags(args: argparse.Namespace, world_size: int) -> None:
             raise UsageError(f"--{flag.replace('_', '-')}: needs one rank (distributed, each rank holds some tables)")
 
 
-def _check_writable(flag: str, path: str) -> None:
-    """An output file must be creatable: found out at the start, not after hours of training."""
+def _check_writable(flag: str, path: str, folder: bool = False) -> None:
+    """An output file (or ``folder``) must be creatable: found out at the start, not after hours of training."""
     target = Path(path)
-    folder = next((p for p in [target.parent, *target.parent.parents] if p.exists()), Path("."))
-    if target.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+    parent = next((p for p in [target.parent, *target.parent.parents] if p.exists()), Path("."))
+    if target.exists() and not (target.is_dir() if folder else target.is_file()):
+        raise UsageError(f"{flag} {path}: not a {'folder' if folder else 'regular file'}")
+    where = target if folder and target.exists() else parent  # a file is written beside itself, then renamed
+    if (
+        not parent.is_dir()
+        or not os.access(where, os.W_OK | os.X_OK)
+        or (target.exists() and not os.access(target, os.W_OK))
+    ):
         raise UsageError(f"{flag} {path}: cannot be written there")
 
 
 def _check_run_flags(args: argparse.Namespace) -> None:
     _check_one_rank_flags(args, args.world_size)
     for flag in ("save_model", "metrics_file", "save_onnx"):
-        if getattr(args, flag):
-            _check_writable(f"--{flag.replace('_', '-')}", getattr(args, flag))
+        path = getattr(args, flag)
+        if path:
+            _check_writable(f"--{flag.replace('_', '-')}", path)
+        if (
+            path
+            and flag != "save_model"
+            and args.load_model
+            and Path(path).resolve() == Path(args.load_model).resolve()
+        ):
+            raise UsageError(f"--{flag.replace('_', '-')} {path}: would overwrite the --load-model checkpoint")
+    if args.tensorboard:
+        _check_writable("--tensorboard", args.tensorboard, folder=True)
+    for flag, written in (
+        ("--enable-profiling", "dlrm_s_pytorch.json"),
+        ("--plot-compute-graph", "dlrm_s_pytorch_graph.dot"),
+    ):
+        if getattr(args, flag[2:].replace("-", "_")):
+            _check_writable(flag, written)
+    for flag in ("test_freq", "test_mini_batch_size", "test_num_workers"):
+        if getattr(args, flag) < -1:
+            raise UsageError(f"--{flag.replace('_', '-')}: must be -1 (the default) or more, got {getattr(args, flag)}")
     if args.save_freq < 0:
         raise UsageError(f"--save-freq: must be zero or more, got {args.save_freq}")
     if args.save_freq and not args.save_model:
@@ -382,10 +415,19 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
         if not value >= (1 if dest in positive else 0) or not math.isfinite(value):
             bound = "positive" if dest in positive else "zero or more"
             raise UsageError(f"--{dest.replace('_', '-')}: must be {bound}, got {value}")
+    for dest in ("mini_batch_size", "num_indices_per_lookup", "num_batches", "nepochs", "data_size"):
+        if getattr(args, dest) >= 2**62:
+            raise UsageError(f"--{dest.replace('_', '-')}: must be below 2**62, got {getattr(args, dest)}")
+    if args.learning_rate > torch.finfo(torch.float32).max:
+        raise UsageError(f"--learning-rate: must fit in float32, got {args.learning_rate}")
+    if args.loss_weights != _loss_weights(parser.get_default("loss_weights")) and args.loss_function != "wbce":
+        raise UsageError("--loss-weights: applies only with --loss-function wbce")
+    if not all(math.isfinite(w) and w >= 0 for w in args.loss_weights):
+        raise UsageError(f"--loss-weights: must be finite and zero or more, got {args.loss_weights}")
     cores = len(os.sched_getaffinity(0))
     for dest in ("num_workers", "test_num_workers"):
-        if getattr(args, dest) > LOADERS_PER_CORE * cores:
-            raise UsageError(f"--{dest.replace('_', '-')} {getattr(args, dest)}: more than {LOADERS_PER_CORE} loader "
+        if getattr(args, dest) > PROCESSES_PER_CORE * cores:
+            raise UsageError(f"--{dest.replace('_', '-')} {getattr(args, dest)}: more than {PROCESSES_PER_CORE} loader "
                              f"processes for each of this machine's {cores} cores")  # fmt: skip
     if args.num_batches == 0 and args.data_size < 1:
         raise UsageError(f"--data-size: must be positive (or --num-batches set), got {args.data_size}")
@@ -1001,7 +1043,7 @@ def write_checkpoint(path: Path, state: dict) -> None:
     several ranks, every rank's file is written before any is renamed, so the set stays consistent."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with data_utils.atomic_write(path) as temporary, open(temporary, "wb") as f:
+        with data_utils.atomic_write(path.resolve()) as temporary, open(temporary, "wb") as f:  # through a link
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
@@ -1023,6 +1065,17 @@ def read_checkpoint(path: Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"--load-model {path}: not a checkpoint written by this script's --save-model")
     return state
+
+
+@contextlib.contextmanager
+def fields_of(path: Path) -> Iterator[None]:
+    """Reading a checkpoint that has this script's format tag: a field missing or malformed (edited by hand?) is
+    one line too."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        why = f"{type(e).__name__}: {first_line(e)}"
+        raise CheckpointError(f"--load-model {path}: a field is missing or malformed ({why})") from None
 
 
 @torch.no_grad()
@@ -1081,10 +1134,12 @@ class Trainer:
         self.train_loader, self.test_loader = loaders
         self.training = not args.inference_only
         self.loaded_from = checkpoint_file(args.load_model, ranks.rank) if checkpoint else None
-        self.saved_at = Position(**checkpoint["position"]) if checkpoint else None
+        self.saved_at = None
         if checkpoint:  # before dense_step: lazy bf16 copies the weights it finds
-            for name, weight in model.named_weights():
-                load_tensor(self.loaded_from, "tensor", name, checkpoint["weights"], weight)
+            with fields_of(self.loaded_from):
+                self.saved_at = Position(**checkpoint["position"])
+                for name, weight in model.named_weights():
+                    load_tensor(self.loaded_from, "tensor", name, checkpoint["weights"], weight)
         if self.training:
             for table in model.embeddings:
                 table.set_optimizer(args.optimizer, args.learning_rate)
@@ -1098,7 +1153,8 @@ class Trainer:
         self.stop_signal: int | None = None
         self.iterations_here = 0  # by this process: lazy mode's first ones compile
         if checkpoint and self.training:
-            self.restore(checkpoint)
+            with fields_of(self.loaded_from):
+                self.restore(checkpoint)
 
     # -- checkpoints --------------------------------------------------------------------------------------
 
@@ -1141,6 +1197,9 @@ class Trainer:
         for name, accumulator in self.dense_accumulators():
             load_tensor(path, "Adagrad state of", name, state["dense_state"], accumulator)
         self.position, self.best = Position(**state["position"]), dict(state["best"])
+        if self.position.batch > self.train_loader.sampler.stop:
+            raise CheckpointError(f"--load-model {path}: saved after batch {self.position.batch} of an epoch, this "
+                                  f"run's epochs have {self.train_loader.sampler.stop} (--num-batches)")  # fmt: skip
         self.window.stats = [row.to(self.backend.device) for row in state["window"]]
         set_numpy_rng_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -1458,7 +1517,10 @@ def apply_environment(env: dict[str, str], argv: list[str]) -> None:
         return
     os.environ.update(env)
     sys.stdout.flush()
-    os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *argv])
+    try:
+        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *argv])
+    except OSError as e:
+        raise UsageError(f"--config: cannot restart with its env_variables ({e.strerror})") from None
 
 
 def join_ranks(args: argparse.Namespace, backend: Backend, ranks: Ranks | None) -> Ranks:
@@ -1578,6 +1640,10 @@ def main(argv: list[str]) -> int:
         if backend.device.type == "cuda" and args.world_size > gpus:
             raise UsageError(f"--world_size {args.world_size}: nccl needs a GPU per rank, {gpus} here")
         if launched is None and args.world_size > 1:  # start the ranks, each of them this script
+            cores = len(os.sched_getaffinity(0))
+            if args.world_size > PROCESSES_PER_CORE * cores:
+                raise UsageError(f"--world_size {args.world_size}: more than {PROCESSES_PER_CORE} ranks to start "
+                                 f"on each of this machine's {cores} cores")  # fmt: skip
             if args.data_generation == "dataset":
                 data_utils.prepare(args)  # once, before the ranks read it
             return distributed_utils.spawn_ranks([sys.executable, os.path.abspath(__file__), *argv], args.world_size)

@@ -127,6 +127,15 @@ def test_sigterm_to_the_whole_job_with_loader_processes_still_saves(tmp_path: Pa
     assert saved(path)["position"]["iteration"] == int(stopped[1])
 
 
+def test_a_checkpoint_through_a_link_is_written_where_the_link_points(tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+    link = tmp_path / "latest.pt"
+    link.symlink_to(tmp_path / "store" / "model.pt")
+    result = run_script(*TINY, *CASES["dot-sgd"], "--num-batches=2", "--save-model", str(link))
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and saved(tmp_path / "store" / "model.pt")["position"]["iteration"] == 2
+
+
 def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path: Path) -> None:
     path = tmp_path / "model.pt"
     big = ["--arch-embedding-size=2000000-1000", "--arch-mlp-top=12-4-1", "--optimizer=adagrad"]
@@ -183,11 +192,16 @@ def write_bad_files(tmp_path: Path, good: Path) -> dict[str, tuple[Path, list[st
     truncated.write_bytes(data[: len(data) // 2])
     corrupt.write_bytes(bytes(b ^ 0x5A for b in data))
     torch.save({"weights": {}}, other)
+    state = saved(good)
+    del state["rng"]
+    torch.save(state, edited := tmp_path / "edited.pt")
     return {
         "truncated": (truncated, [], "truncated or corrupt"),
         "corrupt": (corrupt, [], "truncated or corrupt"),
         "not ours": (other, [], "not a checkpoint written by this script's --save-model"),
         "missing": (tmp_path / "absent.pt", [], "no such file"),
+        "a field missing": (edited, [], "a field is missing or malformed (KeyError: 'rng')"),
+        "fewer batches": (good, ["--num-batches=1"], "saved after batch 2 of an epoch, this run's epochs have 1"),
         "other rows": (good, ["--arch-embedding-size=40-7-201-25"], "'table 2 rows 0-199' has shape [200, 4], "
                                                                       "this model's is [201, 4]"),
         "other layer": (good, ["--arch-mlp-bot=5-9-4"], "'bottom_mlp.0.weight' has shape [8, 5], "
