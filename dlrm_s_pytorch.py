@@ -687,14 +687,7 @@ def make_loader(
         num_workers=workers,
         collate_fn=Preprocessor(args, batch_size, sizes, shards, ranks, backend.group_rows),
         pin_memory=backend.pin_memory,
-        worker_init_fn=leave_signals_to_the_loop,
     )
-
-
-def leave_signals_to_the_loop(worker: int) -> None:
-    """A loader process ignores SIGTERM (as torch's ignore SIGINT): ``timeout`` and batch schedulers signal every
-    process of the job, and the loop must outlive its loaders to save a checkpoint; they end when it closes them."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def epoch_batches(

@@ -1,6 +1,5 @@
 """Checkpoints (``--save-model``, ``--load-model``): exact resume, atomic writes, signals, and bad files."""
 
-import os
 import re
 import resource
 import signal
@@ -110,21 +109,6 @@ def test_a_signal_saves_and_exits_cleanly_and_the_run_resumes_exactly(signum: in
     assert resumed.returncode == 0 and whole.returncode == 0, resumed.stderr + whole.stderr
     # the window in progress at the signal was saved too, so even the line that spans the stop is equal
     assert finished_lines(resumed.stdout) == [line for line in finished_lines(whole.stdout) if line["it"] > k]
-
-
-def test_sigterm_to_the_whole_job_with_loader_processes_still_saves(tmp_path: Path) -> None:
-    path = tmp_path / "model.pt"
-    argv = [*TINY, *CASES["cat-adagrad"], "--num-batches=100000", "--num-workers=2", "--save-model", str(path)]
-    command = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *argv]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)  # fmt: skip
-    wait_for_line(process, r"^Finished training it 10/")
-    os.killpg(process.pid, signal.SIGTERM)  # as timeout and batch schedulers do: the loader processes get it too
-    out, err = process.communicate(timeout=60)
-    assert process.returncode == 128 + signal.SIGTERM, err
-    stopped = re.search(r"^Stopped by SIGTERM after it (\d+)/100000 of epoch 0$", out, re.M)
-    assert stopped and err == "", out + err
-    assert saved(path)["position"]["iteration"] == int(stopped[1])
 
 
 def test_a_checkpoint_through_a_link_is_written_where_the_link_points(tmp_path: Path) -> None:
