@@ -295,6 +295,8 @@ UNAVAILABLE = [
 ]  # fmt: skip
 
 # Flags that only mean something with one kind of data
+PROFILE_STEM = "dlrm_s_pytorch"  # --enable-profiling writes <stem>.json and <stem>.prof in the working folder
+GRAPH_STEM = "dlrm_s_pytorch_graph"  # --plot-compute-graph writes <stem>.dot (and <stem>.pdf)
 PROCESSES_PER_CORE = 4  # loader processes, or self-started ranks: more only compete for the cores, and cost memory
 DATA_FLAGS = {
     "dataset": (
@@ -388,8 +390,8 @@ def _check_run_flags(args: argparse.Namespace) -> None:
     if args.tensorboard:
         _check_writable("--tensorboard", args.tensorboard, folder=True)
     for flag, written in (
-        ("--enable-profiling", "dlrm_s_pytorch.json"),
-        ("--plot-compute-graph", "dlrm_s_pytorch_graph.dot"),
+        ("--enable-profiling", f"{PROFILE_STEM}.json"),
+        ("--plot-compute-graph", f"{GRAPH_STEM}.dot"),
     ):
         if getattr(args, flag[2:].replace("-", "_")):
             _check_writable(flag, written)
@@ -1475,7 +1477,7 @@ def plot_compute_graph(model: DLRM, batch: Batch) -> None:
     except ImportError:
         print("--plot-compute-graph: torchviz is not installed (pip install torchviz), no graph drawn")
         return
-    name = "dlrm_s_pytorch_graph"
+    name = GRAPH_STEM
     serving = ServingDLRM(model)
     graph = make_dot(serving(*serving_inputs(batch)).mean(), params=dict(serving.named_parameters()))
     Path(f"{name}.dot").write_text(graph.source)
@@ -1487,7 +1489,7 @@ def plot_compute_graph(model: DLRM, batch: Batch) -> None:
 
 
 @contextlib.contextmanager
-def profiling(enabled: bool, device_type: str, name: str = "dlrm_s_pytorch") -> Iterator[None]:
+def profiling(enabled: bool, device_type: str, name: str = PROFILE_STEM) -> Iterator[None]:
     """With ``--enable-profiling``: a torch.profiler trace (``name``.json) and a table of the slowest ops
     (``name``.prof), in the working directory."""
     if not enabled:
@@ -1662,7 +1664,7 @@ def main(argv: list[str]) -> int:
         trainer = build(args, sizes, backend, ranks)
     except (UsageError, DataError, CheckpointError) as e:
         return fail(2, str(e))
-    profile_name = f"dlrm_s_pytorch.rank{ranks.rank}" if ranks.world_size > 1 else "dlrm_s_pytorch"
+    profile_name = f"{PROFILE_STEM}.rank{ranks.rank}" if ranks.world_size > 1 else PROFILE_STEM
     with profiling(args.enable_profiling, backend.device_type, profile_name):
         try:
             code = trainer.run()
