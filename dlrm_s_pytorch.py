@@ -972,7 +972,9 @@ class MetricsLog:
     """Each printed window and test as a JSON line (``--metrics-file``) and in TensorBoard (``--tensorboard``)."""
 
     def __init__(self, path: str, tensorboard_dir: str, enabled: bool) -> None:
-        self.file = open(path, "a") if path and enabled else None  # noqa: SIM115 (open for the whole run)
+        self.path = path
+        # unbuffered, so that a failed write leaves nothing behind to be flushed later
+        self.file = open(path, "ab", buffering=0) if path and enabled else None  # noqa: SIM115 (for the whole run)
         self.writer = None
         if tensorboard_dir and enabled:
             try:
@@ -985,13 +987,26 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if self.file:
             finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-            self.file.write(json.dumps(finite) + "\n")
-            self.file.flush()
+            self.write_line(json.dumps(finite) + "\n")
         if self.writer:
             for key, value in record.items():
                 if key not in ("phase", "epoch", "iteration", "step") and value is not None:
                     self.writer.add_scalar(f"{record['phase']}/{key}", value, record["step"])
             self.writer.flush()
+
+    def write_line(self, line: str) -> None:
+        """A full disk stops the metrics, not the training: the file keeps its whole lines, and stdout has them all."""
+        end, data = self.file.tell(), line.encode()
+        try:
+            while data:
+                data = data[self.file.write(data) :]
+        except OSError as e:
+            message = f"cannot write it ({e.strerror}); from here on, metrics are on stdout only"
+            print(f"--metrics-file {self.path}: {message}", file=sys.stderr)
+            with contextlib.suppress(OSError):
+                self.file.truncate(end)
+            self.file.close()
+            self.file = None
 
     def close(self) -> None:
         if self.file:

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,26 @@ def test_each_printed_window_appends_a_json_line(tmp_path: Path) -> None:
         assert 100 * record["accuracy"] == pytest.approx(line["accuracy"], abs=1e-3)
         assert record["ms_per_it"] == pytest.approx(line["ms"], abs=0.01)
         assert record["samples_per_s"] == pytest.approx(16 * 1000 / record["ms_per_it"])
+
+
+def test_a_full_disk_stops_the_metrics_file_not_the_training(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    full_disk = subprocess.run(
+        [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *TINY, "--num-batches=20", "--print-freq=1",
+         "--metrics-file", str(metrics)],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)),  # room for about 5 lines
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert full_disk.returncode == 0, full_disk.stderr
+    assert full_disk.stderr.count("\n") == 1, full_disk.stderr
+    assert f"--metrics-file {metrics}: cannot write it (File too large)" in full_disk.stderr
+    printed = finished_lines(full_disk.stdout)
+    assert len(printed) == 20
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]  # whole lines, none cut short
+    assert 0 < len(records) < 20
+    assert [r["loss"] for r in records] == pytest.approx([line["loss"] for line in printed[: len(records)]], abs=1e-6)
 
 
 def test_tensorboard_gets_the_same_metrics(tmp_path: Path) -> None:
