@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -689,7 +690,42 @@ def make_loader(
         num_workers=workers,
         collate_fn=Preprocessor(args, batch_size, sizes, shards, ranks, backend.group_rows),
         pin_memory=backend.pin_memory,
+        worker_init_fn=leave_stop_signals_to_the_loop,
     )
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the loop finishes its iteration, saves and stops
+
+
+def leave_stop_signals_to_the_loop(worker: int) -> None:
+    """A loader process ignores SIGINT and SIGTERM unless its parent sends them, which ends it at once (exit code 0,
+    as torch's own SIGTERM handler does).
+
+    Ctrl-C, ``kill -TERM -<pgid>`` and batch schedulers signal every process of the job, and the loop must outlive
+    its loaders to finish the iteration and save; it stops them itself. Plain SIG_IGN is not enough: at exit,
+    multiprocessing ends the loaders still alive (after a failure) with SIGTERM and waits for them, forever. Only
+    ``sigwaitinfo`` tells who sent a signal, hence a thread that takes them.
+    """
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # for every thread: the one below takes them
+    threading.Thread(target=_take_stop_signals, args=(parent,), name="stop signals", daemon=True).start()
+
+
+def _take_stop_signals(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo(STOP_SIGNALS).si_pid == parent:
+            os._exit(0)
+
+
+def start_batches(loader: torch.utils.data.DataLoader) -> Iterator[Batch]:
+    """``iter(loader)``, which starts its loader processes, with the stop signals held back meanwhile: a process
+    starts with its parent's blocked signals, so a signal to the whole job cannot end one before it has called
+    ``leave_stop_signals_to_the_loop``. This process gets its own when they are let through again."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def epoch_batches(
@@ -700,7 +736,7 @@ def epoch_batches(
         return itertools.repeat(replayed, loader.sampler.stop - start)
     loader.dataset.epoch = epoch
     loader.sampler.start = start
-    return loader
+    return start_batches(loader)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1235,7 +1271,7 @@ class Trainer:
         """Train (or, with ``--inference-only``, evaluate); the exit code: 0, or 128 + the signal that stopped it."""
         if self.loaded_from:
             print(f"Loaded {self.loaded_from}: saved after it {self.saved_at.batch} of epoch {self.saved_at.epoch}")
-        handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        handlers = {s: signal.signal(s, self.request_stop) for s in STOP_SIGNALS}
         try:
             if not self.training and self.test_loader is not None:
                 self.test(self.train_loader.sampler.stop, 0)
@@ -1279,7 +1315,7 @@ class Trainer:
         args, backend = self.args, self.backend
         nbatches = self.train_loader.sampler.stop
         start = self.position.batch if epoch == self.position.epoch else 0
-        replayed = backend.to_device(next(iter(self.train_loader))) if args.measure_perf else None
+        replayed = backend.to_device(next(start_batches(self.train_loader))) if args.measure_perf else None
         warmup = backend.warmup_iterations if backend.lazy else 0
         warmup_seconds = 0.0
         with torch.set_grad_enabled(self.training):

@@ -1,5 +1,6 @@
 """Checkpoints (``--save-model``, ``--load-model``): exact resume, atomic writes, signals, and bad files."""
 
+import os
 import re
 import resource
 import signal
@@ -8,9 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, finished_lines, run_script
+from criteo_files import write_upstream_processed
+
+import dlrm_s_pytorch
 
 TINY = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=5-8-4", "--mini-batch-size=16", "--print-freq=1"]
 TINY += ["--num-indices-per-lookup=6", "--learning-rate=0.05", "--arch-embedding-size=40-7-200-25"]
@@ -77,8 +82,33 @@ def test_save_freq_saves_every_n_iterations_and_at_the_end(tmp_path: Path) -> No
 
 
 def start(argv: list[str], cwd: Path) -> subprocess.Popen:
+    """The run in a process group of its own (its id is the run's), as a job under a batch scheduler."""
     command = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *argv]
-    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def finish(process: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
+    """(stdout, stderr) once the run ends; one still going after ``timeout`` s is killed with its group, and fails."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise AssertionError(f"the run did not end within {timeout} s") from None
+
+
+def live_processes_in_group(group: int) -> list[int]:
+    """The processes of the group that have not ended (a zombie, ended but not yet reaped, does not count)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, process_group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except OSError:  # it ended meanwhile
+            continue
+        if int(process_group) == group and state != "Z":
+            found.append(int(stat.parent.name))
+    return found
 
 
 def wait_for_line(process: subprocess.Popen, pattern: str) -> str:
@@ -109,6 +139,87 @@ def test_a_signal_saves_and_exits_cleanly_and_the_run_resumes_exactly(signum: in
     assert resumed.returncode == 0 and whole.returncode == 0, resumed.stderr + whole.stderr
     # the window in progress at the signal was saved too, so even the line that spans the stop is equal
     assert finished_lines(resumed.stdout) == [line for line in finished_lines(whole.stdout) if line["it"] > k]
+
+
+def test_sigterm_to_the_whole_job_with_loader_processes_saves_and_leaves_no_process(tmp_path: Path) -> None:
+    argv = [*TINY, *CASES["cat-adagrad"], "--num-workers=2"]
+    path = tmp_path / "model.pt"
+    process = start([*argv, "--num-batches=100000", "--save-model", str(path)], tmp_path)
+    wait_for_line(process, r"^Finished training it 10/")
+    assert len(live_processes_in_group(process.pid)) == 3  # the run and its two loader processes
+    os.killpg(process.pid, signal.SIGTERM)  # as kill -TERM -<pgid>, timeout and batch schedulers do
+    out, err = finish(process)
+    assert process.returncode == 128 + signal.SIGTERM and err == "", err
+    stopped = re.search(r"^Stopped by SIGTERM after it (\d+)/100000 of epoch 0$", out, re.M)
+    assert stopped, out
+    assert live_processes_in_group(process.pid) == []
+    k = int(stopped[1])
+    assert saved(path)["position"]["iteration"] == k
+    resumed = run_script(*argv, f"--num-batches={k + 2}", "--load-model", str(path), cwd=tmp_path, timeout=60)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [line["it"] for line in finished_lines(resumed.stdout)] == [k + 1, k + 2]
+
+
+EXITS = {  # how a run with loader processes ends: (extra flags, a signal and whom it goes to, exit code)
+    "at its end": (["--num-batches=20"], None, 0),
+    "diverged": (["--learning-rate=1e30"], None, 1),
+    "SIGTERM to the run": ([], (signal.SIGTERM, "run"), 128 + signal.SIGTERM),
+    "SIGINT to the run": ([], (signal.SIGINT, "run"), 128 + signal.SIGINT),
+    "SIGINT to the job": ([], (signal.SIGINT, "job"), 128 + signal.SIGINT),  # Ctrl-C
+}
+
+
+@pytest.mark.parametrize("how", EXITS)
+def test_every_way_out_with_loader_processes_ends_them(how: str, tmp_path: Path) -> None:
+    flags, signalled, code = EXITS[how]
+    process = start([*TINY, *CASES["cat-adagrad"], "--num-batches=100000", "--num-workers=2", *flags], tmp_path)
+    if signalled:
+        signum, whom = signalled
+        wait_for_line(process, r"^Finished training it 10/")
+        if whom == "job":
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
+    out, err = finish(process)
+    assert process.returncode == code, out + err
+    assert err.count("\n") == (code == 1) and "Traceback" not in err, err  # an error is one line
+    assert live_processes_in_group(process.pid) == []
+
+
+def test_an_error_in_a_loader_process_ends_the_run_and_its_loader_processes(tmp_path: Path) -> None:
+    """At exit multiprocessing stops the loader processes still alive with SIGTERM and waits for them: they must
+    obey it there, though they leave a SIGTERM to the whole job to the loop."""
+    processed = tmp_path / "processed.npz"
+    arrays = write_upstream_processed(processed, rows=7 * 640)
+    arrays["X_cat"] = arrays["X_cat"].copy()
+    arrays["X_cat"][5, 3] = arrays["counts"][3] + 7  # past the rows of table 3
+    np.savez_compressed(processed, **arrays)
+    criteo = ["--data-generation=dataset", f"--processed-data-file={processed}", "--data-randomize=none"]
+    model = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=13-8-4", "--arch-mlp-top=16-1", "--mini-batch-size=64"]
+    process = start([*criteo, *model, "--num-workers=2"], tmp_path)
+    out, err = finish(process)
+    assert process.returncode == 2, out + err
+    assert err.count("\n") == 1 and "table 3: index" in err, err
+    assert live_processes_in_group(process.pid) == []
+
+
+class BlockedSignals(torch.utils.data.Dataset):
+    """One item: the signals its loader process blocks."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> set[signal.Signals]:
+        return signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_loader_processes_start_with_the_stop_signals_held_back() -> None:
+    """A signal to the whole job must not end a loader process before it sets up its handling of them."""
+    loader = torch.utils.data.DataLoader(BlockedSignals(), batch_size=None, num_workers=1)
+    stop = dlrm_s_pytorch.STOP_SIGNALS
+    assert not stop & next(iter(loader))  # a loader process started by torch alone
+    assert stop <= next(dlrm_s_pytorch.start_batches(loader))
+    assert not stop & signal.pthread_sigmask(signal.SIG_BLOCK, [])  # let through here again
 
 
 def test_a_checkpoint_through_a_link_is_written_where_the_link_points(tmp_path: Path) -> None:
