@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import functools
 import itertools
 import json
 import math
@@ -690,30 +691,30 @@ def make_loader(
         num_workers=workers,
         collate_fn=Preprocessor(args, batch_size, sizes, shards, ranks, backend.group_rows),
         pin_memory=backend.pin_memory,
-        worker_init_fn=leave_stop_signals_to_the_loop,
+        worker_init_fn=functools.partial(leave_stop_signals_to_the_loop, owner=os.getpid()),
     )
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the loop finishes its iteration, saves and stops
 
 
-def leave_stop_signals_to_the_loop(worker: int) -> None:
-    """A loader process ignores SIGINT and SIGTERM unless its parent sends them, which ends it at once (exit code 0,
-    as torch's own SIGTERM handler does).
+def leave_stop_signals_to_the_loop(worker: int, owner: int) -> None:
+    """A loader process ignores SIGINT and SIGTERM unless the process that owns the loader (``owner``) sends them,
+    which ends it at once (exit code 0, as torch's own SIGTERM handler does). The owner, not the parent: under the
+    forkserver start method (Python 3.14's default) the parent is the fork server.
 
     Ctrl-C, ``kill -TERM -<pgid>`` and batch schedulers signal every process of the job, and the loop must outlive
     its loaders to finish the iteration and save; it stops them itself. Plain SIG_IGN is not enough: at exit,
     multiprocessing ends the loaders still alive (after a failure) with SIGTERM and waits for them, forever. Only
     ``sigwaitinfo`` tells who sent a signal, hence a thread that takes them.
     """
-    parent = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # for every thread: the one below takes them
-    threading.Thread(target=_take_stop_signals, args=(parent,), name="stop signals", daemon=True).start()
+    threading.Thread(target=_take_stop_signals, args=(owner,), name="stop signals", daemon=True).start()
 
 
-def _take_stop_signals(parent: int) -> None:
+def _take_stop_signals(owner: int) -> None:
     while True:
-        if signal.sigwaitinfo(STOP_SIGNALS).si_pid == parent:
+        if signal.sigwaitinfo(STOP_SIGNALS).si_pid == owner:
             os._exit(0)
 
 
