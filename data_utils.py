@@ -26,16 +26,19 @@ import itertools
 import json
 import math
 import multiprocessing
-import multiprocessing.pool
 import os
 import re
 import shutil
+import signal
 import struct
 import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -258,7 +261,7 @@ def _prepare_concatenated(args: argparse.Namespace, files: CriteoFiles) -> Proce
         _status(f"Writing {files.processed}")
         _concatenate(days.day_files, days.rows_per_day, days.counts, files.processed)
     total = _check_concatenated(files.processed)
-    with np.load(files.processed) as data:
+    with _reading(files.processed), np.load(files.processed) as data:
         counts = [int(count) for count in data["counts"]]
     return Processed(counts, _rows_per_day(files, total), concatenated=files.processed)
 
@@ -292,6 +295,8 @@ def _prepare_days(args: argparse.Namespace, files: CriteoFiles, mappable: bool) 
         _check_day(path, rows)
         if mappable:
             _store_uncompressed(path)
+            for name in ("X_int", "X_cat", "y"):
+                _array_location(path, name)  # mapping checks no CRC: at least each array must lie whole in its member
     return Processed(_load_counts(files), rows_per_day, day_files=day_files)
 
 
@@ -303,13 +308,13 @@ def _days_complete(files: CriteoFiles) -> bool:
 
 def _load_day_counts(files: CriteoFiles) -> list[int]:
     _check_arrays(files.day_count_file, {"total_per_file": (None,)})
-    with np.load(files.day_count_file) as data:
+    with _reading(files.day_count_file), np.load(files.day_count_file) as data:
         return [int(rows) for rows in data["total_per_file"]]
 
 
 def _load_counts(files: CriteoFiles) -> list[int]:
     _check_arrays(files.counts_file, {"counts": (SPARSE_FEATURES,)})
-    with np.load(files.counts_file) as data:
+    with _reading(files.counts_file), np.load(files.counts_file) as data:
         return [int(count) for count in data["counts"]]
 
 
@@ -492,21 +497,55 @@ class Progress:
         print(f"\r{line}" if self.terminal else line, end="" if self.terminal else "\n", file=sys.stderr, flush=True)
 
 
-def _worker_pool(workers: int, initializer: Callable | None = None, args: tuple = ()) -> multiprocessing.pool.Pool:
+WORKER_DIED = "a preprocessing worker process died (killed, perhaps for lack of memory); run again to resume"
+_worker_failure = ""  # in a worker: why its initializer failed, raised by each task it is given
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int, initializer: Callable | None = None, args: tuple = ()) -> Iterator[ProcessPoolExecutor]:
+    """Worker processes for ``_in_order``. Unlike ``multiprocessing.Pool``, the executor notices a worker that dies
+    (the out-of-memory killer) instead of waiting for its task forever: that stops the run with one line."""
     # fork: the workers start at once, without importing this module again
-    return multiprocessing.get_context("fork").Pool(workers, initializer, args)
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), _start_worker, (initializer, args))
+    try:
+        yield pool
+    except BrokenProcessPool:
+        raise DataError(WORKER_DIED) from None
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
-def _in_order(pool: multiprocessing.pool.Pool, function: Callable, tasks: list, ahead: int) -> Iterator:
+def _start_worker(initializer: Callable | None, args: tuple) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the main process alone reports it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _worker_failure
+    try:
+        if initializer is not None:
+            initializer(*args)
+    except Exception as error:  # raised from the worker's tasks: a worker failing here would be started again
+        _worker_failure = f"a preprocessing worker process could not start: {_first_line(error)}"
+
+
+def _run_task(function: Callable, task: object) -> object:
+    if _worker_failure:
+        raise DataError(_worker_failure)
+    return function(task)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def _in_order(pool: ProcessPoolExecutor, function: Callable, tasks: Iterable, ahead: int) -> Iterator:
     """``function(task)`` for each task, in order; the pool runs at most ``ahead`` tasks ahead of the caller, so
-    that results never pile up in memory (``Pool.imap`` would run through all of them)."""
-    running: collections.deque = collections.deque()
+    that results never pile up in memory (``pool.map`` would run through all of them)."""
+    running: collections.deque[Future] = collections.deque()
     for task in tasks:
-        running.append(pool.apply_async(function, (task,)))
+        running.append(pool.submit(_run_task, function, task))
         if len(running) > ahead:
-            yield running.popleft().get()
+            yield running.popleft().result()
     while running:
-        yield running.popleft().get()
+        yield running.popleft().result()
 
 
 # Pass 1: vocabularies ------------------------------------------------------------------------------------
@@ -617,7 +656,7 @@ def _learn_vocabularies(
         progress.close()
     _status(f"Merging the vocabularies of {len(runs)} run(s)")
     with _merge_directory(files), _worker_pool(min(workers, MERGE_PROCESSES)) as pool:
-        counts = pool.map(partial(_merge_runs, files, runs), range(SPARSE_FEATURES), chunksize=1)
+        counts = list(_in_order(pool, partial(_merge_runs, files, runs), range(SPARSE_FEATURES), SPARSE_FEATURES))
     _write_npz(files.day_count_file, {"total_per_file": np.array(rows_per_day, np.int64)})
     _write_npz(files.counts_file, {"counts": np.array(counts, np.int32)})  # the last vocabulary file
 
@@ -641,7 +680,7 @@ def _load_day_progress(files: CriteoFiles, day: int, bad_lines: BadLines) -> tup
     """The day's rows and runs, as pass 1 saved them."""
     path = files.day_progress_file(day)
     _check_arrays(path, {"runs": (), "rows": (), "bad_lines": (), "problem": ()})
-    with np.load(path) as data:
+    with _reading(path), np.load(path) as data:
         runs = [files.run_file(day, k) for k in range(int(data["runs"]))]
         bad_lines.record(day, int(data["bad_lines"]), str(data["problem"]))
         rows = int(data["rows"])
@@ -723,7 +762,7 @@ def _number_new_values(
     count = 0
     with open(dictionary, "wb") as out:
         for run, new_file, key_file in zip(runs, new_files, key_files, strict=True):
-            with np.load(run) as data:
+            with _reading(run), np.load(run) as data:
                 in_order = data[column]
             by_value = np.argsort(in_order)  # by_value[i]: where the i-th smallest value stands in the run
             is_new_by_value = np.fromfile(new_file, bool)  # whether the i-th smallest value is new
@@ -762,7 +801,7 @@ def _make_missing_lookups(files: CriteoFiles, workers: int) -> None:
     if features:
         _status(f"Making lookups for {len(features)} dictionaries")
         with _merge_directory(files), _worker_pool(min(workers, MERGE_PROCESSES)) as pool:
-            pool.map(partial(_lookup_from_dictionary, files), features, chunksize=1)
+            list(_in_order(pool, partial(_lookup_from_dictionary, files), features, len(features)))
 
 
 def _lookup_from_dictionary(files: CriteoFiles, feature: int) -> None:
@@ -1136,7 +1175,7 @@ def _array_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                     shapes[name] = _npy_header(stream, path, name)[0]
             return shapes
     except (zipfile.BadZipFile, ValueError, OSError) as error:
-        raise DataError(f"{path}: not a readable npz file ({error})") from None
+        raise DataError(f"{path}: not a readable npz file ({error}); delete it to make it again") from None
 
 
 def _check_arrays(path: Path, expected: dict[str, tuple[int | None, ...]]) -> dict[str, tuple[int, ...]]:
@@ -1168,7 +1207,7 @@ def _check_day(path: Path, rows: int) -> None:
 
 def _member_blocks(path: Path, name: str, dtype: type, block_rows: int) -> Iterator[np.ndarray]:
     """An array of an npz file (compressed or not), ``block_rows`` rows at a time, as ``dtype``."""
-    with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as stream:
+    with _reading(path), zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as stream:
         shape, stored = _npy_header(stream, path, name)
         row_bytes = stored.itemsize * math.prod(shape[1:])
         for start in range(0, shape[0], block_rows):
@@ -1199,11 +1238,12 @@ def _concatenate(day_files: list[Path], rows_per_day: list[int], counts: list[in
 
 def _store_uncompressed(path: Path) -> None:
     """Rewrite a compressed npz (as the original wrote them) uncompressed, so that it can be memory-mapped."""
-    with zipfile.ZipFile(path) as archive:
+    with _reading(path), zipfile.ZipFile(path) as archive:
         if all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist()):
             return
     _status(f"Rewriting {path} uncompressed, so that it can be memory-mapped")
     with (
+        _reading(path),
         zipfile.ZipFile(path) as source,
         atomic_write(path) as temp,
         zipfile.ZipFile(temp, "w", allowZip64=True) as out,
@@ -1226,15 +1266,39 @@ def _mapped(path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype) ->
 
 
 def _array_location(path: Path, name: str) -> tuple[int, tuple[int, ...], np.dtype]:
-    """Where an array of an uncompressed npz starts in the file; its shape and dtype."""
-    with zipfile.ZipFile(path) as archive:
-        info = archive.getinfo(f"{name}.npy")
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        name_length, extra_length = struct.unpack("<26xHH", f.read(30))  # the zip local file header
-        f.seek(info.header_offset + 30 + name_length + extra_length)
-        shape, dtype = _npy_header(f, path, name)
-        return f.tell(), shape, dtype
+    """Where an array of an uncompressed npz starts in the file; its shape and dtype. Mapping reads no CRC, so the
+    array must at least lie whole inside its member."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(f"{name}.npy")
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            name_length, extra_length = struct.unpack("<26xHH", f.read(30))  # the zip local file header
+            member_start = info.header_offset + 30 + name_length + extra_length
+            f.seek(member_start)
+            shape, dtype = _npy_header(f, path, name)
+            offset = f.tell()
+    except (zipfile.BadZipFile, KeyError, ValueError, EOFError, struct.error) as error:
+        raise _damaged(path, error) from None
+    member_end = member_start + info.file_size
+    if offset + math.prod(shape) * dtype.itemsize > min(member_end, path.stat().st_size):
+        raise _damaged(path, f"array {name} is cut short")
+    return offset, shape, dtype
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Damage found while an npz file is read (a bad CRC, a cut-off member) stops the run with one line."""
+    try:
+        yield
+    except (zipfile.BadZipFile, EOFError, ValueError, zlib.error) as error:
+        raise _damaged(path, error) from None
+
+
+def _damaged(path: Path, error: Exception | str) -> DataError:
+    return DataError(
+        f"{path}: damaged ({_first_line(error) if isinstance(error, Exception) else error}); delete it to make it again"
+    )
 
 
 def _stored_blocks(path: Path, name: str, block: int) -> Iterator[np.ndarray]:
@@ -1298,7 +1362,7 @@ def _split_orders(
 
 def _load_concatenated(path: Path) -> ArrayRows:
     _status(f"Reading {path}")
-    with np.load(path) as data:
+    with _reading(path), np.load(path) as data:
         dense, categorical, labels = data["X_int"], data["X_cat"], data["y"]
     if categorical.dtype != np.int32:  # the original stored ids as float64
         categorical = categorical.astype(np.int32)

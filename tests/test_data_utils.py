@@ -3,8 +3,11 @@
 import argparse
 import itertools
 import math
+import os
 import re
 import shutil
+import signal
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -607,6 +610,96 @@ def test_a_broken_processed_file_names_the_file_and_the_array(tmp_path: Path) ->
     path.write_text("not a zip file")
     with pytest.raises(DataError, match=f"{path}: not a readable npz file"):
         data_utils.prepare(make_args(processed_data_file=path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Failing workers, damaged files
+# ---------------------------------------------------------------------------------------------------------
+
+CHUNK_VOCABULARY, CHUNK_ROWS = data_utils._chunk_vocabulary, data_utils._chunk_rows
+
+
+def killed_at_the_second_chunk(options: data_utils.ParseOptions, chunk: data_utils.Chunk) -> object:
+    if chunk.start > 0:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer does
+    return CHUNK_VOCABULARY(options, chunk)
+
+
+def exits_at_the_second_chunk(options: data_utils.ParseOptions, chunk: data_utils.Chunk) -> object:
+    if chunk.start > 0:
+        os._exit(1)
+    return CHUNK_ROWS(options, chunk)
+
+
+def interrupted_at_the_second_chunk(options: data_utils.ParseOptions, chunk: data_utils.Chunk) -> object:
+    if chunk.start > 0:  # Ctrl-C: the terminal signals the whole process group
+        os.kill(os.getppid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    return CHUNK_VOCABULARY(options, chunk)
+
+
+@pytest.mark.parametrize(
+    "task, dying", [("_chunk_vocabulary", killed_at_the_second_chunk), ("_chunk_rows", exits_at_the_second_chunk)]
+)
+def test_a_worker_that_dies_stops_the_run_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task: str, dying: object
+) -> None:
+    args = make_args(write_kaggle(tmp_path, 700))
+    monkeypatch.setattr(data_utils, task, dying)  # the workers are forked: they run it too
+    with pytest.raises(DataError, match=r"^a preprocessing worker process died \(killed, perhaps for lack of memory\)"):
+        data_utils.prepare(args)
+    assert not list(tmp_path.glob("*_processed.npz")) and not temporary_files(tmp_path)
+
+
+def test_ctrl_c_stops_preprocessing_without_a_worker_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    args = make_args(write_kaggle(tmp_path, 700))
+    monkeypatch.setattr(data_utils, "_chunk_vocabulary", interrupted_at_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        data_utils.prepare(args)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_damaged_lookup_stops_the_second_pass_with_one_line(tmp_path: Path) -> None:
+    raw = write_kaggle(tmp_path, 700)
+    data_utils.prepare(make_args(raw))
+    (tmp_path / "train_day_6_processed.npz").unlink()
+    (tmp_path / "kaggleAdDisplayChallenge_processed.npz").unlink()
+    (tmp_path / "train_fea_lookup_3.npz").write_bytes(b"damaged")
+
+    lookup = tmp_path / "train_fea_lookup_3.npz"
+    with pytest.raises(DataError, match=rf"could not start: {lookup}: damaged .*; delete it to make it again$"):
+        data_utils.prepare(make_args(raw))
+
+
+def test_a_bad_crc_in_the_processed_file_names_it(tmp_path: Path) -> None:
+    args = make_args(write_kaggle(tmp_path, 700))
+    path = data_utils.prepare(args).concatenated
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("X_cat.npy")
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 200] ^= 1  # inside the array, past the local header and the .npy header
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(DataError, match=rf"^{path}: damaged \(Bad CRC-32 for file 'X_cat.npy'\); delete it to make"):
+        data_utils.criteo_datasets(args, data_utils.prepare(args))
+
+
+def test_memory_map_refuses_an_array_cut_short(tmp_path: Path) -> None:
+    """Mapping reads no CRC; an array that its member does not hold whole would be read from the next member."""
+    args = make_args(write_kaggle(tmp_path, 700), memory_map=True)
+    data_utils.prepare(args)
+    path = tmp_path / "train_day_2_processed.npz"
+    arrays = load(path)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, values in arrays.items():  # X_int's member holds a value less than its header says
+            with archive.open(f"{name}.npy", "w") as out:
+                np.lib.format.write_array_header_1_0(out, np.lib.format.header_data_from_array_1_0(values))
+                out.write(values.tobytes()[: -4 if name == "X_int" else None])
+
+    with pytest.raises(DataError, match=rf"^{path}: damaged \(array X_int is cut short\); delete it to make it again"):
+        data_utils.prepare(args)
 
 
 # ---------------------------------------------------------------------------------------------------------
