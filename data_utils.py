@@ -229,12 +229,16 @@ def prepare(args: argparse.Namespace) -> Processed:
     files are memory-mapped; --mlperf-bin-loader reads int32 ``.bin`` files made from the day files.
     """
     files = CriteoFiles.from_args(args)
-    with _one_process_at_a_time(files.processed):
-        if args.mlperf_bin_loader:
-            return _prepare_bins(args, files)
-        if args.memory_map:
-            return _prepare_days(args, files, mappable=True)
-        return _prepare_concatenated(args, files)
+    try:
+        with _one_process_at_a_time(files.processed):
+            if args.mlperf_bin_loader:
+                return _prepare_bins(args, files)
+            if args.memory_map:
+                return _prepare_days(args, files, mappable=True)
+            return _prepare_concatenated(args, files)
+    except OSError as error:  # a read-only folder, an unreadable file, a full disk
+        where = error.filename or (files.raw or files.processed).parent  # a failed write may name no file
+        raise DataError(f"{where}: {error.strerror or error}") from None
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Criteo data: raw text to the original's processed files, and processed files to batches."""
 
 import argparse
+import errno
 import itertools
 import math
 import os
@@ -671,6 +672,35 @@ def test_a_damaged_lookup_stops_the_second_pass_with_one_line(tmp_path: Path) ->
     lookup = tmp_path / "train_fea_lookup_3.npz"
     with pytest.raises(DataError, match=rf"could not start: {lookup}: damaged .*; delete it to make it again$"):
         data_utils.prepare(make_args(raw))
+
+
+def test_an_unreadable_raw_file_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = write_kaggle(tmp_path, 700)
+
+    def unreadable(chunk: data_utils.Chunk, _: data_utils.ParseOptions) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", chunk.path)
+
+    monkeypatch.setattr(data_utils, "_read_chunk", unreadable)  # the workers are forked: they have it too
+    with pytest.raises(DataError, match=f"^{raw}: Permission denied$"):
+        data_utils.prepare(make_args(raw))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(errno.ENOSPC, "No space left on device"), PermissionError(errno.EACCES, "Permission denied", "f.npz")],
+)
+def test_a_failing_write_names_the_folder_or_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: OSError
+) -> None:
+    raw = write_kaggle(tmp_path, 700)
+
+    def fails(*_: object) -> None:
+        raise error
+
+    monkeypatch.setattr(data_utils.DayWriter, "append", fails)
+    with pytest.raises(DataError, match=f"^{error.filename or tmp_path}: {error.strerror}$"):
+        data_utils.prepare(make_args(raw))
+    assert not list(tmp_path.glob("*_processed.npz")) and not temporary_files(tmp_path)
 
 
 def test_a_bad_crc_in_the_processed_file_names_it(tmp_path: Path) -> None:
