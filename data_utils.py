@@ -158,16 +158,32 @@ class CriteoFiles:
         return self.raw
 
     def raw_days(self) -> list[Path]:
-        """The raw text files: Kaggle's one file, or Terabyte's day_0 .. day_{k-1} (consecutive, at least one)."""
+        """The raw text files: Kaggle's one file, or Terabyte's day files."""
         raw = self.require_raw("the raw data")
-        if self.data_set == "kaggle":
-            if not raw.is_file():
-                raise DataError(f"--raw-data-file {raw}: no such file")
-            return [raw]
-        days = list(itertools.takewhile(Path.is_file, (Path(f"{raw}_{day}") for day in itertools.count())))
-        if not days:
-            raise DataError(f"--raw-data-file {raw}: no Terabyte day files ({raw}_0 does not exist)")
-        return days
+        if self.data_set == "terabyte":
+            return _terabyte_days(raw)
+        if not raw.is_file():
+            raise DataError(f"--raw-data-file {raw}: no such file")
+        return [raw]
+
+
+def _terabyte_days(prefix: Path) -> list[Path]:
+    """``day_0`` .. ``day_{k-1}``: none missing, and at least two (the last one is the test day)."""
+    day_name = re.compile(rf"{re.escape(prefix.name)}_(0|[1-9][0-9]*)")
+    candidates = prefix.parent.glob(f"{glob.escape(prefix.name)}_*")
+    found = {int(match[1]) for path in candidates if (match := day_name.fullmatch(path.name)) and path.is_file()}
+    if not found:
+        raise DataError(f"--raw-data-file {prefix}: no Terabyte day files ({prefix}_0 does not exist)")
+    missing = ", ".join(f"{prefix.name}_{day}" for day in range(max(found)) if day not in found)
+    if missing:
+        raise DataError(
+            f"--raw-data-file {prefix}: {missing} missing (the days run from {prefix.name}_0 without a gap)"
+        )
+    if len(found) < 2:
+        raise DataError(
+            f"--raw-data-file {prefix}: only {prefix.name}_0; training needs a day more (the last one tests)"
+        )
+    return [Path(f"{prefix}_{day}") for day in range(len(found))]
 
 
 @dataclass(frozen=True)
@@ -232,13 +248,29 @@ def prepare(args: argparse.Namespace) -> Processed:
     try:
         with _one_process_at_a_time(files.processed):
             if args.mlperf_bin_loader:
-                return _prepare_bins(args, files)
-            if args.memory_map:
-                return _prepare_days(args, files, mappable=True)
-            return _prepare_concatenated(args, files)
+                processed = _prepare_bins(args, files)
+            elif args.memory_map:
+                processed = _prepare_days(args, files, mappable=True)
+            else:
+                processed = _prepare_concatenated(args, files)
     except OSError as error:  # a read-only folder, an unreadable file, a full disk
         where = error.filename or (files.raw or files.processed).parent  # a failed write may name no file
         raise DataError(f"{where}: {error.strerror or error}") from None
+    _check_trainable(processed, files)
+    return processed
+
+
+def _check_trainable(processed: Processed, files: CriteoFiles) -> None:
+    """Rows to train on (every day but the last), and values in every feature (a table of no rows divides by 0)."""
+    if not sum(processed.rows_per_day[:-1]):
+        days = ", ".join(map(str, processed.rows_per_day))
+        raise DataError(
+            f"{files.raw or files.processed}: no rows to train on (every day but the last; rows a day: {days})"
+        )
+    empty = [f"C{j + 1}" for j, count in enumerate(processed.counts) if count <= 0]
+    if empty:
+        counted_in = files.processed if processed.concatenated else files.counts_file
+        raise DataError(f"{counted_in}: no values counted for {', '.join(empty)}; delete it to make it again")
 
 
 @contextlib.contextmanager

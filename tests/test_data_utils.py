@@ -597,6 +597,41 @@ def test_missing_inputs_name_the_flag_and_the_path(tmp_path: Path) -> None:
         data_utils.prepare(make_args(processed_data_file=tmp_path / "p.npz"))
 
 
+def test_terabyte_days_must_run_without_a_gap_and_be_two_at_least(tmp_path: Path) -> None:
+    prefix = write_terabyte(tmp_path, days=5, rows_per_day=20)
+    (tmp_path / "day_1").unlink()
+    (tmp_path / "day_3").unlink()
+    (tmp_path / "day_01").write_text("not a day: day_1 is written without a leading 0")
+    args = make_args(prefix, data_set="terabyte")
+    with pytest.raises(DataError, match=f"^--raw-data-file {prefix}: day_1, day_3 missing"):
+        data_utils.prepare(args)
+    for day in (2, 4):
+        (tmp_path / f"day_{day}").unlink()
+    with pytest.raises(DataError, match=f"^--raw-data-file {prefix}: only day_0; training needs a day more"):
+        data_utils.prepare(args)
+    assert not list(tmp_path.glob("*.npz"))
+
+
+def test_no_rows_to_train_on(tmp_path: Path) -> None:
+    raw = tmp_path / "train.txt"
+    raw.write_text("1\t2\n" * 30)
+    with pytest.raises(DataError, match=rf"^{raw}: no rows to train on \(.*rows a day: 0, 0, 0, 0, 0, 0, 0\)$"):
+        data_utils.prepare(make_args(raw, skip_bad_lines=True))
+    prefix = write_terabyte(tmp_path, days=2, rows_per_day=20)
+    (tmp_path / "day_0").write_text("")
+    with pytest.raises(DataError, match=rf"^{prefix}: no rows to train on \(.*rows a day: 0, 20\)$"):
+        data_utils.prepare(make_args(prefix, data_set="terabyte", memory_map=True))
+
+
+def test_a_feature_counted_empty_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "p.npz"
+    arrays = write_upstream_processed(path, 70)
+    arrays["counts"][4] = 0
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match=f"^{path}: no values counted for C5; delete it"):
+        data_utils.prepare(make_args(processed_data_file=path))
+
+
 def test_a_broken_processed_file_names_the_file_and_the_array(tmp_path: Path) -> None:
     path = tmp_path / "p.npz"
     arrays = write_upstream_processed(path, 70)
