@@ -121,6 +121,11 @@ class CriteoFiles:
         return list(self.day_file(day).parent.glob(self.day_file(day).name.replace("_processed.npz", "_run*.npz")))
 
     @property
+    def days_lock(self) -> Path:
+        """Held while the day files, counts and dictionaries beside the raw data are made or checked."""
+        return self.stem.parent / f".{self.stem.name}_days.lock"
+
+    @property
     def merge_directory(self) -> Path:
         """Where the merges of pass 1 work (removed before and after)."""
         return self.stem.parent / f".{self.stem.name}_merge"
@@ -246,7 +251,7 @@ def prepare(args: argparse.Namespace) -> Processed:
     """
     files = CriteoFiles.from_args(args)
     try:
-        with _one_process_at_a_time(files.processed):
+        with _one_process_at_a_time(files.processed.with_name(f".{files.processed.name}.lock")):
             if args.mlperf_bin_loader:
                 processed = _prepare_bins(args, files)
             elif args.memory_map:
@@ -274,9 +279,9 @@ def _check_trainable(processed: Processed, files: CriteoFiles) -> None:
 
 
 @contextlib.contextmanager
-def _one_process_at_a_time(processed: Path) -> Iterator[None]:
-    """Ranks started by torchrun or mpirun all call ``prepare``: the first preprocesses, the others then read."""
-    lock = processed.with_name(f".{processed.name}.lock")
+def _one_process_at_a_time(lock: Path) -> Iterator[None]:
+    """Ranks started by torchrun or mpirun all call ``prepare``: the first preprocesses, the others then read. Runs
+    that name other processed files of the same raw data share its day files: they make those one at a time too."""
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         handle = open(lock, "a")  # noqa: SIM115 (held for the block)
@@ -321,6 +326,11 @@ def _even_split(total: int, days: int) -> list[int]:
 
 
 def _prepare_days(args: argparse.Namespace, files: CriteoFiles, mappable: bool) -> Processed:
+    with _one_process_at_a_time(files.days_lock):
+        return _make_days(args, files, mappable)
+
+
+def _make_days(args: argparse.Namespace, files: CriteoFiles, mappable: bool) -> Processed:
     what = f"the processed files beside {files.raw} ({files.stem.name}_*.npz) were"
     _made_with(files.record(files.stem), shaping_flags(args), files.day_outputs(), what)
     if not _days_complete(files):

@@ -2,12 +2,14 @@
 
 import argparse
 import errno
+import fcntl
 import itertools
 import math
 import os
 import re
 import shutil
 import signal
+import threading
 import zipfile
 from pathlib import Path
 
@@ -398,6 +400,23 @@ def test_a_value_missing_from_the_lookups_names_the_feature_and_the_file(tmp_pat
     with pytest.raises(DataError, match=r"a C5 value is not in .*train_fea_lookup_4.npz: the vocabularies were made"):
         data_utils.prepare(make_args(raw))
     assert not (tmp_path / "train_day_6_processed.npz").exists() and not temporary_files(tmp_path)
+
+
+def test_runs_that_name_other_processed_files_make_the_shared_days_one_at_a_time(tmp_path: Path) -> None:
+    raw = write_kaggle(tmp_path, 700)
+    args = make_args(raw, processed_data_file=tmp_path / "second.npz")
+    made_while_held = []
+    with open(tmp_path / ".train_days.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a run making first.npz holds it
+
+        def release() -> None:
+            made_while_held.extend(tmp_path.glob("train_*"))
+            held.close()
+
+        threading.Timer(1.5, release).start()
+        data_utils.prepare(args)
+        assert held.closed and not made_while_held  # it waited, and made nothing meanwhile
+    assert (tmp_path / "second.npz").exists()
 
 
 def test_pass_1_files_left_by_an_interrupted_clean_up_are_removed(tmp_path: Path) -> None:
