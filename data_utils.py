@@ -378,7 +378,17 @@ def _prepare_bins(args: argparse.Namespace, files: CriteoFiles) -> Processed:
             if not path.exists():
                 _status(f"Writing {path}")
                 _write_bin(path, rows, order)
-    return Processed(_load_counts(files), _load_day_counts(files), bin_files=bins)
+    rows_per_day = _load_day_counts(files)
+    for path, order in zip(bins.values(), _split_orders(rows_per_day, "none", np.arange), strict=True):
+        _check_bin(path, len(order))
+    return Processed(_load_counts(files), rows_per_day, bin_files=bins)
+
+
+def _check_bin(path: Path, rows: int) -> None:
+    """A bin file cut short (a copy that stopped) must not pass for whole: it would train on fewer rows."""
+    size, expected = path.stat().st_size, rows * 4 * FIELDS
+    if size != expected:
+        raise DataError(f"{path}: {size} bytes, expected {expected} ({rows} rows); delete it to make it again")
 
 
 def _write_bin(path: Path, rows: DayRows, order: np.ndarray | range) -> None:
@@ -1410,9 +1420,24 @@ def _load_concatenated(path: Path) -> ArrayRows:
     _status(f"Reading {path}")
     with _reading(path), np.load(path) as data:
         dense, categorical, labels = data["X_int"], data["X_cat"], data["y"]
+    _check_labels(labels, path)
     if categorical.dtype != np.int32:  # the original stored ids as float64
+        _check_ids(categorical, path)
         categorical = categorical.astype(np.int32)
     return ArrayRows(dense, categorical, labels)
+
+
+def _check_labels(labels: np.ndarray, path: Path) -> None:
+    wrong = labels[(labels != 0) & (labels != 1)]
+    if wrong.size:
+        raise DataError(f"{path}: label {wrong[0]} is not 0 or 1; delete it to make it again")
+
+
+def _check_ids(ids: np.ndarray, path: Path) -> None:
+    """Ids stored wider than int32 (the original's float64) must fit it: they would wrap around silently."""
+    if ids.size and not 0 <= ids.min() <= ids.max() <= _INT32.max:
+        wrong = ids.min() if ids.min() < 0 else ids.max()
+        raise DataError(f"{path}: X_cat holds id {wrong:.0f}, outside [0, 2**31); delete it to make it again")
 
 
 class ArrayRows:
@@ -1449,6 +1474,9 @@ class DayRows:
             local = rows[here] - self.starts[day]
             day_dense, day_categorical, day_labels = self._days[day]
             dense[here], categorical[here], labels[here] = day_dense[local], day_categorical[local], day_labels[local]
+            _check_labels(labels[here], self.day_files[day])
+            if categorical.dtype != np.int32:
+                _check_ids(categorical[here], self.day_files[day])
         return dense, categorical, labels
 
 
@@ -1525,6 +1553,7 @@ class BinBatches(torch.utils.data.Dataset):
         start = self._batch_position(index) * self.batch_size
         records = self._records[start : start + self.batch_size]
         dense, categorical = records[:, 1 : 1 + DENSE_FEATURES], records[:, 1 + DENSE_FEATURES :]
+        _check_labels(records[:, 0], self.path)
         return _batch(dense, categorical, records[:, 0], self.max_ind_range)
 
     def _batch_position(self, index: int) -> int:

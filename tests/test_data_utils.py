@@ -786,6 +786,52 @@ def test_memory_map_refuses_an_array_cut_short(tmp_path: Path) -> None:
         data_utils.prepare(args)
 
 
+@pytest.mark.parametrize("loading", ["in memory", "memory-mapped", "bin"])
+def test_a_label_other_than_0_or_1_in_processed_files_is_refused(tmp_path: Path, loading: str) -> None:
+    raw = tmp_path / "train.txt"
+    if loading == "in memory":
+        args = make_args(processed_data_file=tmp_path / "p.npz")
+        arrays = write_upstream_processed(args.processed_data_file, 700)
+        arrays["y"][123] = 2
+        np.savez(args.processed_data_file, **arrays)
+        spoilt = args.processed_data_file
+    elif loading == "memory-mapped":
+        args = make_args(raw, memory_map=True)
+        write_upstream_days(raw, [100] * 7)
+        spoilt = tmp_path / "train_day_2_processed.npz"
+        arrays = load(spoilt)
+        arrays["y"][23] = 2
+        np.savez(spoilt, **arrays)
+    else:
+        args = make_args(write_kaggle(tmp_path, 700), mlperf_bin_loader=True)
+        spoilt = data_utils.prepare(args).bin_files["train"]
+        records = np.fromfile(spoilt, np.int32).reshape(-1, 40)
+        records[223, 0] = 2
+        records.tofile(spoilt)
+
+    with pytest.raises(DataError, match=f"^{spoilt}: label 2 is not 0 or 1; delete it to make it again$"):
+        all_rows(data_utils.criteo_datasets(args, data_utils.prepare(args))[0])  # read at once, or batch by batch
+
+
+def test_ids_past_int32_in_the_originals_file_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "p.npz"
+    arrays = write_upstream_processed(path, 700)
+    arrays["X_cat"][5, 3] = 2**32 + 1  # would wrap around to 1
+    np.savez(path, **arrays)
+    args = make_args(processed_data_file=path)
+    with pytest.raises(DataError, match=rf"^{path}: X_cat holds id 4294967297, outside \[0, 2\*\*31\)"):
+        data_utils.criteo_datasets(args, data_utils.prepare(args))
+
+
+def test_a_bin_file_cut_short_is_refused(tmp_path: Path) -> None:
+    args = make_args(write_kaggle(tmp_path, 700), mlperf_bin_loader=True)
+    path = data_utils.prepare(args).bin_files["train"]
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 160)  # a whole record less
+    with pytest.raises(DataError, match=f"^{path}: 95840 bytes, expected 96000 \\(600 rows\\); delete it to make"):
+        data_utils.prepare(args)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The test data itself
 # ---------------------------------------------------------------------------------------------------------
