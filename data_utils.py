@@ -33,6 +33,7 @@ import signal
 import struct
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 import zlib
@@ -574,12 +575,20 @@ def _worker_pool(workers: int, initializer: Callable | None = None, args: tuple 
 def _start_worker(initializer: Callable | None, args: tuple) -> None:
     # Ctrl-C reaches every process of the terminal's group: the main process alone reports it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     global _worker_failure
     try:
         if initializer is not None:
             initializer(*args)
     except Exception as error:  # raised from the worker's tasks: a worker failing here would be started again
         _worker_failure = f"a preprocessing worker process could not start: {_first_line(error)}"
+
+
+def _exit_with(parent: int) -> None:
+    """A worker whose main process is killed outright (kill -9) would wait for tasks forever: it leaves too."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 def _run_task(function: Callable, task: object) -> object:

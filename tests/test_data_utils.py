@@ -1,6 +1,7 @@
 """Criteo data: raw text to the original's processed files, and processed files to batches."""
 
 import argparse
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -9,7 +10,10 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -714,6 +718,56 @@ def test_ctrl_c_stops_preprocessing_without_a_worker_traceback(
     with pytest.raises(KeyboardInterrupt):
         data_utils.prepare(args)
     assert "Traceback" not in capfd.readouterr().err
+
+
+SLOW_PREPARE = """
+import argparse, sys, time
+sys.path.insert(0, {root!r})
+import data_utils
+chunk_vocabulary = data_utils._chunk_vocabulary
+
+def slow(options, chunk):
+    time.sleep(0.5)
+    return chunk_vocabulary(options, chunk)
+
+data_utils._chunk_vocabulary = slow
+data_utils.CHUNK_BYTES = 20_000
+data_utils.prepare(argparse.Namespace(**{args!r}))
+"""
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.add(int(stat.parent.name))
+    return found
+
+
+def test_workers_leave_when_their_run_is_killed_outright(tmp_path: Path) -> None:
+    args = vars(make_args(write_kaggle(tmp_path, 2000)))
+    script = SLOW_PREPARE.format(root=str(Path(data_utils.__file__).parent), args=args)
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 30
+        while len(workers) < 2 and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.1)
+            workers = children(run.pid)
+        assert len(workers) >= 2, "the workers did not start"
+        run.kill()  # as kill -9 or the out-of-memory killer would
+        run.wait()
+        deadline = time.monotonic() + 5
+        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    finally:
+        run.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_damaged_lookup_stops_the_second_pass_with_one_line(tmp_path: Path) -> None:
