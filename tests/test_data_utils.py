@@ -691,10 +691,19 @@ def exits_at_the_second_chunk(options: data_utils.ParseOptions, chunk: data_util
 
 
 def interrupted_at_the_second_chunk(options: data_utils.ParseOptions, chunk: data_utils.Chunk) -> object:
-    if chunk.start > 0:  # Ctrl-C: the terminal signals the whole process group
+    if chunk.start > 0 and once(Path(chunk.path).with_name("interrupted")):  # Ctrl-C signals the process group
         os.kill(os.getppid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
     return CHUNK_VOCABULARY(options, chunk)
+
+
+def once(flag: Path) -> bool:
+    """True for the first process that asks (a later SIGINT would reach pytest after the test)."""
+    try:
+        os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize(
