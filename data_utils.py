@@ -253,6 +253,7 @@ def prepare(args: argparse.Namespace) -> Processed:
     files = CriteoFiles.from_args(args)
     try:
         with _one_process_at_a_time(files.processed.with_name(f".{files.processed.name}.lock")):
+            _remove_leftovers(files.processed.parent, files.processed.name.split(".")[0])
             if args.mlperf_bin_loader:
                 processed = _prepare_bins(args, files)
             elif args.memory_map:
@@ -332,6 +333,7 @@ def _prepare_days(args: argparse.Namespace, files: CriteoFiles, mappable: bool) 
 
 
 def _make_days(args: argparse.Namespace, files: CriteoFiles, mappable: bool) -> Processed:
+    _remove_leftovers(files.stem.parent, files.stem.name)
     what = f"the processed files beside {files.raw} ({files.stem.name}_*.npz) were"
     _made_with(files.record(files.stem), shaping_flags(args), files.day_outputs(), what)
     if not _days_complete(files):
@@ -398,6 +400,29 @@ def _write_bin(path: Path, rows: DayRows, order: np.ndarray | range) -> None:
         for start in range(0, len(order), BLOCK_ROWS):
             dense, categorical, labels = rows.take(np.asarray(order[start : start + BLOCK_ROWS]))
             out.write(np.column_stack((labels, dense, categorical)).astype(np.int32).tobytes())
+
+
+def _remove_leftovers(folder: Path, prefix: str) -> None:
+    """Remove the temporary files and folders (``.<prefix>....<pid>.<suffix>``) that runs killed outright left: a
+    day's parts can take gigabytes. Their names never pass for finished files; a running process's are kept."""
+    made_by = re.compile(rf"\.{re.escape(prefix)}[._].*\.([0-9]+)\.[^.]+")
+    for path in folder.glob(f".{glob.escape(prefix)}*"):
+        match = made_by.fullmatch(path.name)
+        if match and not _running(int(match[1])):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether it exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _status(message: str) -> None:
@@ -1016,7 +1041,7 @@ class DayWriter:
         self.path, self.expected_rows, self.day_count_file, self.rows = path, rows, day_count_file, 0
 
     def __enter__(self) -> DayWriter:
-        self.directory = tempfile.TemporaryDirectory(dir=self.path.parent, prefix=f".{self.path.name}.")
+        self.directory = tempfile.TemporaryDirectory(dir=self.path.parent, prefix=f".{self.path.name}.{os.getpid()}.")
         self.parts = {name: open(Path(self.directory.name) / name, "wb") for name in self.WIDTHS}
         return self
 

@@ -550,6 +550,29 @@ def test_interrupted_merge_resumes_without_reading_the_raw_data_again(
     assert not list(tmp_path.glob("*_run*")) and not temporary_files(tmp_path)
 
 
+def test_leftovers_of_runs_killed_outright_are_removed_but_not_a_running_ones(tmp_path: Path) -> None:
+    raw = write_kaggle(tmp_path, 700)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    leftovers = [
+        tmp_path / f".train_day_3_processed.npz.{gone.pid}.tmp",  # atomic_write's
+        tmp_path / f".train_fea_count.npz.{gone.pid}.tmp",
+        tmp_path / f".kaggleAdDisplayChallenge_processed.npz.{gone.pid}.tmp",
+        tmp_path / f".train_day_2_processed.npz.{gone.pid}.k2j4x_9a",  # a day's parts (DayWriter's)
+    ]
+    for path in leftovers[:3]:
+        path.write_bytes(b"partial")
+    leftovers[3].mkdir()
+    (leftovers[3] / "X_cat").write_bytes(b"partial")
+    running = tmp_path / f".train_day_4_processed.npz.{os.getppid()}.tmp"
+    running.write_bytes(b"being written")
+
+    data_utils.prepare(make_args(raw))
+    assert not any(path.exists() for path in leftovers) and running.exists()
+    expected = read_raw([raw])
+    np.testing.assert_array_equal(load(tmp_path / "kaggleAdDisplayChallenge_processed.npz")["X_cat"], expected["X_cat"])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------------------
