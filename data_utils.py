@@ -598,14 +598,14 @@ def _worker_pool(workers: int, initializer: Callable | None = None, args: tuple 
 
 
 def _start_worker(initializer: Callable | None, args: tuple) -> None:
+    global _worker_failure
     # Ctrl-C reaches every process of the terminal's group: the main process alone reports it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
-    global _worker_failure
     try:
         if initializer is not None:
             initializer(*args)
-    except Exception as error:  # raised from the worker's tasks: a worker failing here would be started again
+    except Exception as error:  # its tasks report it: raised here, it would print a traceback and break the pool
         _worker_failure = f"a preprocessing worker process could not start: {_first_line(error)}"
 
 
@@ -1369,7 +1369,7 @@ def _array_location(path: Path, name: str) -> tuple[int, tuple[int, ...], np.dty
             shape, dtype = _npy_header(f, path, name)
             offset = f.tell()
     except (zipfile.BadZipFile, KeyError, ValueError, EOFError, struct.error) as error:
-        raise _damaged(path, error) from None
+        raise _damaged(path, _first_line(error)) from None
     member_end = member_start + info.file_size
     if offset + math.prod(shape) * dtype.itemsize > min(member_end, path.stat().st_size):
         raise _damaged(path, f"array {name} is cut short")
@@ -1382,13 +1382,11 @@ def _reading(path: Path) -> Iterator[None]:
     try:
         yield
     except (zipfile.BadZipFile, EOFError, ValueError, zlib.error) as error:
-        raise _damaged(path, error) from None
+        raise _damaged(path, _first_line(error)) from None
 
 
-def _damaged(path: Path, error: Exception | str) -> DataError:
-    return DataError(
-        f"{path}: damaged ({_first_line(error) if isinstance(error, Exception) else error}); delete it to make it again"
-    )
+def _damaged(path: Path, why: str) -> DataError:
+    return DataError(f"{path}: damaged ({why}); delete it to make it again")
 
 
 def _stored_blocks(path: Path, name: str, block: int) -> Iterator[np.ndarray]:
