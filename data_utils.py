@@ -593,8 +593,17 @@ def _worker_pool(workers: int, initializer: Callable | None = None, args: tuple 
         yield pool
     except BrokenProcessPool:
         raise DataError(WORKER_DIED) from None
+    except BaseException:  # an error, Ctrl-C: stop the running tasks too (a merge can take minutes)
+        _stop_workers(pool)
+        raise
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    # Python 3.14's pool.kill_workers(); before it, the executor holds its processes in _processes.
+    for process in list(pool._processes.values()):
+        process.kill()
 
 
 def _start_worker(initializer: Callable | None, args: tuple) -> None:

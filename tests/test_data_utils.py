@@ -714,7 +714,10 @@ def exits_at_the_second_chunk(options: data_utils.ParseOptions, chunk: data_util
 
 
 def interrupted_at_the_second_chunk(options: data_utils.ParseOptions, chunk: data_utils.Chunk) -> object:
-    if chunk.start > 0 and once(Path(chunk.path).with_name("interrupted")):  # Ctrl-C signals the process group
+    """The first chunk takes a minute (a long merge); Ctrl-C comes while the second is read."""
+    if chunk.start == 0:
+        time.sleep(60)
+    elif once(Path(chunk.path).with_name("interrupted")):  # Ctrl-C signals the whole process group
         os.kill(os.getppid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
     return CHUNK_VOCABULARY(options, chunk)
@@ -742,13 +745,15 @@ def test_a_worker_that_dies_stops_the_run_with_one_line(
     assert not list(tmp_path.glob("*_processed.npz")) and not temporary_files(tmp_path)
 
 
-def test_ctrl_c_stops_preprocessing_without_a_worker_traceback(
+def test_ctrl_c_stops_preprocessing_at_once_without_a_worker_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:
     args = make_args(write_kaggle(tmp_path, 700))
     monkeypatch.setattr(data_utils, "_chunk_vocabulary", interrupted_at_the_second_chunk)
+    began = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         data_utils.prepare(args)
+    assert time.monotonic() - began < 20  # the worker still running its long task was stopped
     assert "Traceback" not in capfd.readouterr().err
 
 
