@@ -479,8 +479,7 @@ def _preprocess(args: argparse.Namespace, files: CriteoFiles) -> None:
     options = ParseOptions(args.max_ind_range, args.data_sub_sample_rate, args.numpy_rand_seed, args.skip_bad_lines)
     days = _day_chunks(files)
     bad_lines = BadLines()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = min(cores, PROCESSES)
+    workers = min(usable_cores(), PROCESSES)
     if not all(path.exists() for path in _vocabulary_files(files)):
         _learn_vocabularies(files, days, options, workers, bad_lines)
     for path in (path for day in range(len(days)) for path in files.pass_1_files(day)):
@@ -496,6 +495,11 @@ def _preprocess(args: argparse.Namespace, files: CriteoFiles) -> None:
         _make_missing_lookups(files, workers)
         _write_days(files, missing, rows_per_day, options, workers, bad_lines)
     bad_lines.report(files.require_raw("the raw data"))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: a container or ``taskset`` may allow fewer than the machine has."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _vocabulary_files(files: CriteoFiles) -> list[Path]:

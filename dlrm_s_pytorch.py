@@ -428,7 +428,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
         raise UsageError("--loss-weights: applies only with --loss-function wbce")
     if not all(math.isfinite(w) and w >= 0 for w in args.loss_weights):
         raise UsageError(f"--loss-weights: must be finite and zero or more, got {args.loss_weights}")
-    cores = len(os.sched_getaffinity(0))
+    cores = data_utils.usable_cores()
     for dest in ("num_workers", "test_num_workers"):
         if getattr(args, dest) > PROCESSES_PER_CORE * cores:
             raise UsageError(f"--{dest.replace('_', '-')} {getattr(args, dest)}: more than {PROCESSES_PER_CORE} loader "
@@ -1687,7 +1687,7 @@ def main(argv: list[str]) -> int:
         if backend.device.type == "cuda" and args.world_size > gpus:
             raise UsageError(f"--world_size {args.world_size}: nccl needs a GPU per rank, {gpus} here")
         if launched is None and args.world_size > 1:  # start the ranks, each of them this script
-            cores = len(os.sched_getaffinity(0))
+            cores = data_utils.usable_cores()
             if args.world_size > PROCESSES_PER_CORE * cores:
                 raise UsageError(f"--world_size {args.world_size}: more than {PROCESSES_PER_CORE} ranks to start "
                                  f"on each of this machine's {cores} cores")  # fmt: skip
@@ -1700,7 +1700,7 @@ def main(argv: list[str]) -> int:
     if ranks.rank != 0 and not args.print_all_ranks:
         sys.stdout = open(os.devnull, "w")  # for the life of the process
     if ranks.local_world_size > 1 and backend.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks.local_world_size))  # share the cores
+        torch.set_num_threads(max(1, data_utils.usable_cores() // ranks.local_world_size))  # share the cores
 
     np.set_printoptions(precision=args.print_precision)
     torch.set_printoptions(precision=args.print_precision)
