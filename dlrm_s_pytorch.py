@@ -1165,6 +1165,9 @@ class Position:
     iteration: int = 0
 
 
+TEST_BATCHES_BETWEEN_STOP_CHECKS = 16  # with several ranks, each check waits for all of them
+
+
 class Trainer:
     """The loop: train, test every ``--test-freq`` iterations, print, log metrics, checkpoint, stop on a signal."""
 
@@ -1276,33 +1279,38 @@ class Trainer:
         try:
             if not self.training and self.test_loader is not None:
                 self.test(self.train_loader.sampler.stop, 0)
-                return 0
-            print("time/loss/accuracy (if enabled):")
-            self.mlperf.log("start", "RUN_START")
-            for epoch in range(self.position.epoch, self.args.nepochs):
-                self.mlperf.log("start", "EPOCH_START", epoch_num=epoch)
-                stop = self.train_epoch(epoch)
-                self.mlperf.log("end", "EPOCH_STOP", epoch_num=epoch)
-                if stop:
-                    break
-            self.mlperf.log("end", "RUN_STOP", status="aborted" if self.stop_signal else "success")
-            if self.args.save_model:
-                self.save()
+            else:
+                self.train_epochs()
         finally:
             self.metrics.close()
             for s, handler in handlers.items():
                 signal.signal(s, handler)
         return 128 + self.stop_signal if self.stop_signal else 0
 
+    def train_epochs(self) -> None:
+        """Every epoch from the position loaded, or until a signal or a threshold; then the checkpoint."""
+        print("time/loss/accuracy (if enabled):")
+        self.mlperf.log("start", "RUN_START")
+        for epoch in range(self.position.epoch, self.args.nepochs):
+            self.mlperf.log("start", "EPOCH_START", epoch_num=epoch)
+            stop = self.train_epoch(epoch)
+            self.mlperf.log("end", "EPOCH_STOP", epoch_num=epoch)
+            if stop:
+                break
+        self.mlperf.log("end", "RUN_STOP", status="aborted" if self.stop_signal else "success")
+        if self.args.save_model:
+            self.save()
+
     def request_stop(self, signum: int, frame: object) -> None:
         self.stop_signal = signum
 
-    def stopping(self, reported: bool) -> bool:
-        """A signal arrived here, or at any rank. Ranks must stop at the same iteration, so they agree when a line
-        was just ``reported`` (already a point where they wait for each other), not every iteration."""
+    def stopping(self, agree: bool) -> bool:
+        """A signal arrived here, or at any rank. Ranks must stop at the same batch, so they compare their signals
+        only where told to ``agree`` (an all-reduce): after a printed line, already a point where they wait for
+        each other, and every few test batches; not every iteration."""
         if not dist.is_initialized():
             return self.stop_signal is not None
-        if not reported:
+        if not agree:
             return False
         flag = torch.tensor([self.stop_signal or 0], device=self.backend.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -1399,12 +1407,17 @@ class Trainer:
                                 accuracy=accuracy, auc=None, ms_per_it=ms, samples_per_s=samples_per_s))  # fmt: skip
 
     def test(self, it: int, epoch: int) -> bool:
-        """Evaluate the test split, print and log it; True when an ``--mlperf-*-threshold`` is reached."""
+        """Evaluate the test split, print and log it; True when an ``--mlperf-*-threshold`` is reached, or when a
+        signal cut the test short."""
         args = self.args
         self.mlperf.log("start", "EVAL_START", epoch_num=epoch)
         result = self.evaluate()
-        self.best = dict(accuracy=max(self.best["accuracy"], result.accuracy), auc=max(self.best["auc"], result.auc))
         nbatches = self.train_loader.sampler.stop
+        if result is None:
+            name = signal.Signals(self.stop_signal).name
+            print(f"Stopped by {name} during the test after it {it}/{nbatches} of epoch {epoch} (the test is left out)")
+            return True
+        self.best = dict(accuracy=max(self.best["accuracy"], result.accuracy), auc=max(self.best["auc"], result.auc))
         if args.mlperf_logging:
             m = result.mlperf_metrics()
             print(
@@ -1434,11 +1447,14 @@ class Trainer:
         return False
 
     @torch.no_grad()
-    def evaluate(self) -> Evaluation:
-        """Loss, accuracy and ROC AUC over the whole test split (a last partial batch is left out)."""
+    def evaluate(self) -> Evaluation | None:
+        """Loss, accuracy and ROC AUC over the whole test split (a last partial batch is left out); None when a
+        signal stops it part-way (a test pass can outlast the grace a batch scheduler gives before it kills)."""
         batch_size = self.test_loader.collate_fn.batch_size
         losses, correct, non_finite, scores, targets = [], 0.0, 0.0, [], []
-        for batch in epoch_batches(self.test_loader, 0, 0, None):
+        for k, batch in enumerate(epoch_batches(self.test_loader, 0, 0, None)):
+            if k and k % TEST_BATCHES_BETWEEN_STOP_CHECKS == 0 and self.stopping(agree=True):
+                return None
             if batch.samples < batch_size:
                 print(f"Breaking out of the epoch as  test batch was partial. Number of samples: {batch.samples}")
                 break

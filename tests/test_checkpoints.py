@@ -16,6 +16,8 @@ from conftest import ROOT, finished_lines, run_script
 from criteo_files import write_upstream_processed
 
 import dlrm_s_pytorch
+import habana_dlrm_ops
+from distributed_utils import Ranks
 
 TINY = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=5-8-4", "--mini-batch-size=16", "--print-freq=1"]
 TINY += ["--num-indices-per-lookup=6", "--learning-rate=0.05", "--arch-embedding-size=40-7-200-25"]
@@ -315,3 +317,35 @@ def test_bad_checkpoints_stop_with_one_line_naming_what_does_not_fit(tmp_path: P
         assert result.returncode == 2, name
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, (name, result.stderr)
         assert f"--load-model {path}" in result.stderr and message in result.stderr, (name, result.stderr)
+
+
+@pytest.mark.parametrize("inference_only", [False, True])
+def test_a_signal_during_a_test_stops_it_within_a_few_batches(tmp_path: Path, capsys, inference_only: bool) -> None:
+    """A test pass can outlast a batch scheduler's grace before it kills: a signal leaves the test out and saves."""
+    path = tmp_path / "model.pt"
+    argv = [*TINY, *CASES["dot-sgd"], "--num-batches=40"]
+    argv += ["--inference-only"] if inference_only else ["--save-model", str(path)]
+    args, sizes, _ = dlrm_s_pytorch.parse_command_line(argv)
+    args.test_freq = 20  # a Criteo flag: random data has no test split, its 40 batches stand in for one
+    backend, ranks = habana_dlrm_ops.Backend(lazy=False), Ranks(0, 1, 0, 1)
+    model = dlrm_s_pytorch.DLRM(args, sizes, backend.kernels)
+    data = dlrm_s_pytorch.RandomDataset(args, sizes)
+    loaders = [dlrm_s_pytorch.make_loader(args, data, sizes, backend, model.shards, ranks, test=t) for t in (0, 1)]
+    trainer = dlrm_s_pytorch.Trainer(args, model, backend, loaders, ranks)
+    forward, test_batches = trainer.forward, []
+
+    def forward_signalling_at_the_third_test_batch(batch):
+        if not torch.is_grad_enabled():
+            test_batches.append(batch)
+            if len(test_batches) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return forward(batch)
+
+    trainer.forward = forward_signalling_at_the_third_test_batch
+    assert trainer.run() == 128 + signal.SIGTERM
+    out = capsys.readouterr().out
+    it = 40 if inference_only else 20
+    assert f"Stopped by SIGTERM during the test after it {it}/40 of epoch 0 (the test is left out)" in out
+    assert "Testing at" not in out and len(test_batches) == dlrm_s_pytorch.TEST_BATCHES_BETWEEN_STOP_CHECKS
+    if not inference_only:
+        assert len(finished_lines(out)) == 20 and saved(path)["position"]["iteration"] == 20
