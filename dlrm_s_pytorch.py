@@ -1723,6 +1723,8 @@ def main(argv: list[str]) -> int:
     np.random.seed(args.numpy_rand_seed)
     torch.manual_seed(args.numpy_rand_seed)
     print(backend.banner)
+    if args.data_type == "bf16" and backend.emulates_bf16():
+        print("bf16: this CPU has no bf16 matrix products (they need AVX-512); emulated, they are far slower than fp32")
     if args.mlperf_logging:
         print("command line args: ", json.dumps(vars(args)))
     if args.hmp_verbose:

@@ -487,6 +487,11 @@ class Backend:
         if self.device_type == "cpu" and torch.backends.mkldnn.is_available():
             self.kernels = OneDNNKernels() if lazy else BufferedOneDNNKernels()
 
+    def emulates_bf16(self) -> bool:
+        """Whether bf16 matrix products run in software here, hundreds of times slower than fp32: on a CPU that
+        oneDNN has no bf16 kernels for (one without AVX-512)."""
+        return self.device_type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
     def group_rows(self, indices: Tensor, bounds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return group_rows(indices, bounds)
 

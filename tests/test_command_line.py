@@ -187,8 +187,17 @@ def test_divergence_stops_with_one_line() -> None:
     assert result.stderr.count("\n") == 1 and "the scores are not finite" in result.stderr
 
 
+EMULATED_BF16 = pytest.mark.skipif(
+    habana_dlrm_ops.Backend(lazy=False).emulates_bf16(), reason="this CPU emulates bf16: a medium step takes minutes"
+)
+
+
 @pytest.mark.parametrize(
-    "config", ["single_node_dlrm_eager_medium_fp32.yaml", "single_node_dlrm_eager_medium_bf16.yaml"]
+    "config",
+    [
+        "single_node_dlrm_eager_medium_fp32.yaml",
+        pytest.param("single_node_dlrm_eager_medium_bf16.yaml", marks=EMULATED_BF16),
+    ],
 )
 def test_medium_configuration_trains_two_iterations(config: str) -> None:
     result = run_script("--config", str(ROOT / "hb_configs" / config), "--num-batches=2")
@@ -245,6 +254,13 @@ def test_bf16_runs_matrix_products_in_bf16_and_keeps_the_rest_fp32() -> None:
     assert seen == dict(bottom=torch.bfloat16, top=torch.bfloat16, table=torch.float32)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert {t.moments.dtype for t in model.embeddings} == {torch.float32}
+
+
+def test_bf16_on_a_cpu_that_emulates_it_says_so() -> None:
+    result = run_script(*TINY, "--num-batches=1", "-d", "bf16")
+    assert result.returncode == 0, result.stderr
+    emulated = habana_dlrm_ops.Backend(lazy=False).emulates_bf16()
+    assert ("bf16: this CPU has no bf16 matrix products" in result.stdout) == emulated
 
 
 def test_bf16_stays_close_to_fp32() -> None:
