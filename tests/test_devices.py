@@ -1,5 +1,6 @@
 """Device backends (SPEC §4, §5): device selection, lazy mode on the CPU, CUDA, and Gaudi through a test double."""
 
+import collections
 import re
 import sys
 
@@ -9,6 +10,7 @@ from conftest import ROOT, finished_lines, printed_weights, run_script
 
 import dlrm_s_pytorch
 import habana_dlrm_ops
+from distributed_utils import Ranks
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
@@ -130,6 +132,28 @@ def test_freed_host_memory_is_kept_for_the_next_iteration(monkeypatch, capsys, m
     assert calls == [(dlrm_s_pytorch.M_MMAP_MAX, 0), (dlrm_s_pytorch.M_TRIM_THRESHOLD, 2**31 - 1)]
 
 
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_lazy_mode_runs_the_dense_path_and_its_optimizer_compiled(monkeypatch, capsys, mode: str) -> None:
+    """What lazy mode hands torch.compile, and that the loop calls what comes back; eager mode compiles nothing.
+    (torch.compile is replaced by a counting wrapper, so nothing is really compiled.)"""
+    calls = collections.Counter()
+
+    def counting_compile(fn, **options):
+        name = type(fn).__name__ if isinstance(fn, torch.nn.Module) else fn.__name__
+        calls[name] += 0
+
+        def compiled(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    assert dlrm_s_pytorch.main([*TINY, "--num-batches=3", "--optimizer=adagrad", f"--mode={mode}"]) == 0
+    assert len(finished_lines(capsys.readouterr().out)) == 3
+    assert calls == (dict(DensePath=3, update_all=3) if mode == "lazy" else {})
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
 def test_compiled_dense_optimizer_equals_torch_optim(optimizer: str) -> None:
     torch.manual_seed(0)
@@ -244,6 +268,32 @@ def test_hpu_sets_lazy_mode_before_import_and_marks_each_step_once(habana, capsy
     sequence = [kernel for kernel, _ in bridge.CALLS if kernel in ("FusedAdagrad.step", "mark_step")]
     expected = ["FusedAdagrad.step", "mark_step"] if mode == "lazy" else ["FusedAdagrad.step"]
     assert sequence == expected * 5  # once per iteration, after both optimizers; never in eager mode
+
+
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_hpu_marks_a_step_after_each_test_batch_in_lazy_mode(habana, capsys, mode: str) -> None:
+    argv = [*TINY, "--num-batches=4", "--optimizer=adagrad", f"--mode={mode}"]
+    args, sizes, _ = dlrm_s_pytorch.parse_command_line(argv)
+    args.test_freq = 2  # random data has no test split: its 4 batches stand in for one
+    backend, ranks = habana_dlrm_ops.select_backend("hpu", lazy=mode == "lazy"), Ranks(0, 1, 0, 1)
+    model = dlrm_s_pytorch.DLRM(args, sizes, backend.kernels)
+    data = dlrm_s_pytorch.RandomDataset(args, sizes)
+    loaders = [dlrm_s_pytorch.make_loader(args, data, sizes, backend, model.shards, ranks, test=t) for t in (0, 1)]
+    assert dlrm_s_pytorch.Trainer(args, model, backend, loaders, ranks).run() == 0
+    assert capsys.readouterr().out.count("Testing at - ") == 2
+    names = ("EmbeddingBag.forward", "FusedAdagrad.step", "mark_step")
+    sequence = [kernel for kernel, _ in habana().CALLS if kernel in names]
+    lookups, mark = ["EmbeddingBag.forward"] * 3, ["mark_step"] if mode == "lazy" else []
+    two_iterations_then_a_test = 2 * [*lookups, "FusedAdagrad.step", *mark] + 4 * [*lookups, *mark]
+    assert sequence == 2 * two_iterations_then_a_test
+
+
+def test_no_habana_under_device_auto_passes_over_the_gaudi_card(habana, capsys) -> None:
+    assert dlrm_s_pytorch.main([*TINY, "--num-batches=1"]) == 0
+    assert "Using HPU..." in capsys.readouterr().out  # the double imports, so auto would take it
+    assert dlrm_s_pytorch.main([*TINY, "--num-batches=1", "--no-habana"]) == 0
+    out = capsys.readouterr().out
+    assert ("Using GPU..." if torch.cuda.is_available() else "Using CPU...") in out and "HPU" not in out
 
 
 def test_hpu_kernels_get_the_documented_arguments(habana, capsys) -> None:
