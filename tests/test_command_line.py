@@ -6,7 +6,9 @@ import re
 import pytest
 import torch
 from conftest import ROOT, finished_lines, run_script
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import distributed_utils
 import dlrm_s_pytorch
 import habana_dlrm_ops
 from distributed_utils import Ranks
@@ -113,6 +115,7 @@ BAD_INPUTS = {
     "ranks by the thousand": (["-w", "4000", "--mini-batch-size=4000"], "--world_size 4000: more than 4 ranks"),
     "onnx from two ranks": (["--save-onnx", "--world_size=2", "--mini-batch-size=4"], "needs one rank"),
     "qr not supported": (["--qr-flag"], "--qr-flag is not supported"),
+    "activation other than relu": (["--activation-function=sigmoid"], "--activation-function is not supported"),
     "op list without bf16": (["--hmp-bf16=ops.txt"], "--hmp-bf16: applies only with --data_type bf16"),
     "missing config": (["--config=/nonexistent.yaml"], "--config /nonexistent.yaml: No such file or directory"),
     "top MLP not ending in 1": (["--arch-mlp-top=4-2"], "--arch-mlp-top: the last width must be 1"),
@@ -261,6 +264,35 @@ def test_bf16_on_a_cpu_that_emulates_it_says_so() -> None:
     assert result.returncode == 0, result.stderr
     emulated = habana_dlrm_ops.Backend(lazy=False).emulates_bf16()
     assert ("bf16: this CPU has no bf16 matrix products" in result.stdout) == emulated
+
+
+def test_bf16_dot_interaction_multiplies_in_bf16() -> None:
+    args, sizes, _ = dlrm_s_pytorch.parse_command_line([*TINY, "--arch-interaction-op=dot", "-d", "bf16"])
+    dense = dlrm_s_pytorch.DensePath(args, sizes, habana_dlrm_ops.TorchKernels())
+    products = []
+
+    class RecordProducts(TorchDispatchMode):  # sees each op as it runs, after autocast has cast its inputs
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in ("addmm", "bmm", "mm"):
+                products.append((func.overloadpacket.__name__, {a.dtype for a in (*args, out) if torch.is_tensor(a)}))
+            return out
+
+    with RecordProducts():
+        dense(torch.rand(8, 3), [torch.rand(8, 2), torch.rand(8, 2)], torch.ones(8, 1))
+    assert ("bmm", {torch.bfloat16}) in products
+    assert all(dtypes == {torch.bfloat16} for _, dtypes in products), products
+
+
+@pytest.mark.parametrize("test_num_workers, expected", [(-1, 2), (0, 0), (1, 1)])
+def test_test_num_workers_sets_the_test_loaders_processes(test_num_workers: int, expected: int) -> None:
+    args, sizes, _ = dlrm_s_pytorch.parse_command_line([*TINY, "--num-workers=2"])
+    args.test_num_workers = test_num_workers  # a Criteo flag: set past the check that random data has no test split
+    data, backend = dlrm_s_pytorch.RandomDataset(args, sizes), habana_dlrm_ops.Backend(lazy=False)
+    shards, ranks = [distributed_utils.Shard(0, 0, 20, 0), distributed_utils.Shard(1, 0, 30, 0)], Ranks(0, 1, 0, 1)
+    test_loader = dlrm_s_pytorch.make_loader(args, data, sizes, backend, shards, ranks, test=True)
+    train_loader = dlrm_s_pytorch.make_loader(args, data, sizes, backend, shards, ranks)
+    assert (test_loader.num_workers, train_loader.num_workers) == (expected, 2)
 
 
 def test_bf16_stays_close_to_fp32() -> None:
