@@ -1,11 +1,13 @@
 """The command line beside a plain-PyTorch DLRM written from SPEC §3: the same losses, iteration by iteration."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import finished_lines, run_script
-from reference_dlrm import random_batch, reference_losses
+from reference_dlrm import ReferenceDLRM, random_batch, reference_losses
 
 import dlrm_s_pytorch
+from distributed_utils import Shard
 
 BASE = dict(
     seed=123, tables=[40, 7, 300], dim=4, bottom=[5, 8, 4], top=[6, 1], op="dot", itself=False, threshold=0.0,
@@ -108,3 +110,22 @@ def test_generated_batches_equal_the_sample_by_sample_generator(tables: list[int
 def tensors_of(batch) -> list:
     dense, offsets, indices, targets = batch
     return [dense, *offsets, *indices, targets]
+
+
+@pytest.mark.parametrize("rows", [None, (70_000, 140_000)])  # the whole table, or rows drawn in three chunks
+def test_a_table_over_65536_rows_starts_as_the_reference_draws_it(rows: tuple[int, int] | None) -> None:
+    tables = [3, 140_007, 5]
+    argv = ["--arch-embedding-size=3-140007-5", "--arch-sparse-feature-size=4", "--arch-mlp-bot=5-4"]
+    args, sizes, _ = dlrm_s_pytorch.parse_command_line([*argv, "--arch-mlp-top=6-1", "--arch-interaction-op=dot"])
+    shards = None if rows is None else [Shard(1, *rows, 0)]
+    np.random.seed(5)
+    ours = dlrm_s_pytorch.DLRM(args, sizes, shards=shards)
+    np.random.seed(5)
+    reference = ReferenceDLRM(tables, 4, [5, 4], [6, 1], "dot", itself=False, threshold=0.0)
+    expected = [table.weight[slice(*rows) if rows else slice(None)] for table in reference.tables]
+    drawn = [table.weight for table in ours.embeddings]
+    assert len(drawn) == (3 if rows is None else 1)
+    for mine, theirs in zip(drawn, expected if rows is None else expected[1:2], strict=True):
+        assert torch.equal(mine, theirs)
+    mlps = [*reference.bottom.parameters(), *reference.top.parameters()]  # drawn after the tables
+    assert len(mlps) == 6 and all(torch.equal(a, b) for a, b in zip(ours.dense.parameters(), mlps, strict=True))
