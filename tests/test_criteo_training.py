@@ -60,12 +60,20 @@ def test_terabyte_day_files_train_with_memory_map_and_mlperf_lines(tmp_path: Pat
     assert '"key": "eval_accuracy"' in result.stdout
 
 
-def test_an_auc_threshold_stops_training(tmp_path: Path) -> None:
+# AUC passes 0.5 at the first test (it 5); accuracy, 78.6 % there (all predicted 0), passes 80 % a few tests later
+@pytest.mark.parametrize("metric, threshold", [("auc", 0.5), ("accuracy", 0.8)])
+def test_a_threshold_stops_training_at_the_first_test_that_reaches_it(
+    tmp_path: Path, metric: str, threshold: float
+) -> None:
     raw = write_kaggle(tmp_path, rows=7 * 1280)
-    result = run_script(*TINY, f"--raw-data-file={raw}", "--test-freq=5", "--mlperf-auc-threshold=0.5")
+    flag = f"--mlperf-{metric[:3]}-threshold={threshold}"
+    result = run_script(*TINY, f"--raw-data-file={raw}", "--test-freq=5", flag)
     assert result.returncode == 0, result.stderr
-    assert "MLPerf testing auc threshold 0.5 reached, stop training" in result.stdout
-    assert [line["it"] for line in finished_lines(result.stdout)] == []  # stopped at the first test, it 5
+    assert f"MLPerf testing {metric} threshold {threshold} reached, stop training" in result.stdout
+    values = [t["auc"] if metric == "auc" else t["accuracy"] / 100 for t in printed_tests(result.stdout)]
+    assert [value >= threshold for value in values] == [False] * (len(values) - 1) + [True], values
+    if metric == "auc":
+        assert finished_lines(result.stdout) == []  # stopped at it 5
 
 
 def test_a_partial_last_batch_still_gets_the_epochs_last_line_and_test(tmp_path: Path) -> None:
