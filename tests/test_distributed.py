@@ -202,6 +202,23 @@ def test_a_killed_rank_stops_the_other_within_60_s() -> None:
     assert stderr.count("\n") == 1 and "error: rank 0 stopped: " in stderr, stderr
 
 
+def test_a_rank_waits_for_a_missing_rank_at_most_timeout_s() -> None:
+    """The group's timeout is ``TIMEOUT_S`` (set to 2 s here; torch's default is 30 minutes)."""
+    code = "import distributed_utils as d\nd.TIMEOUT_S = 2\nd.init_process_group(d.Ranks(0, 2, 0, 2), 'gloo')"
+    env = distributed_utils.rank_environment(0, 2, distributed_utils.free_port())
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and "DistStoreError" in result.stderr, result.stderr[-2000:]
+    assert time.monotonic() - start < 20
+
+
+def test_a_failed_self_started_rank_stops_the_others_at_once() -> None:
+    code = "import os, sys, time\nif os.environ['RANK'] == '1':\n    sys.exit(3)\ntime.sleep(60)"
+    start = time.monotonic()
+    assert distributed_utils.spawn_ranks([sys.executable, "-c", code], world_size=3) == 3
+    assert time.monotonic() - start < 20
+
+
 @pytest.mark.parametrize(
     "env, argv, message",
     [
