@@ -1734,6 +1734,10 @@ def main(argv: list[str]) -> int:
         trainer = build(args, sizes, backend, ranks)
     except (UsageError, DataError, CheckpointError) as e:
         return fail(2, str(e))
+    except (dist.DistError, RuntimeError) as e:  # a rank that failed here leaves the others' set-up broken
+        if not dist.is_initialized():
+            raise
+        return fail(1, f"rank {ranks.rank} stopped: {first_line(e)}")
     profile_name = f"{PROFILE_STEM}.rank{ranks.rank}" if ranks.world_size > 1 else PROFILE_STEM
     with profiling(args.enable_profiling, backend.device_type, profile_name):
         try:
