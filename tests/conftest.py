@@ -24,6 +24,19 @@ def run_script(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess
     )
 
 
+def live_processes() -> dict[int, tuple[int, int]]:
+    """pid -> (parent, process group) of each process not yet ended (a zombie, ended but not reaped, is left out)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except OSError:  # it ended meanwhile
+            continue
+        if state != "Z":
+            found[int(stat.parent.name)] = (int(parent), int(group))
+    return found
+
+
 def finished_lines(stdout: str) -> list[dict]:
     """Every `Finished ... it` line, parsed."""
     rows = []

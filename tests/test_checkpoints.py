@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, finished_lines, run_script
+from conftest import ROOT, finished_lines, live_processes, run_script
 from criteo_files import write_upstream_processed
 
 import dlrm_s_pytorch
@@ -101,16 +101,7 @@ def finish(process: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
 
 
 def live_processes_in_group(group: int) -> list[int]:
-    """The processes of the group that have not ended (a zombie, ended but not yet reaped, does not count)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _, process_group = stat.read_text().rsplit(")", 1)[1].split()[:3]
-        except OSError:  # it ended meanwhile
-            continue
-        if int(process_group) == group and state != "Z":
-            found.append(int(stat.parent.name))
-    return found
+    return [pid for pid, (_, process_group) in live_processes().items() if process_group == group]
 
 
 def wait_for_line(process: subprocess.Popen, pattern: str) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import live_processes
 from criteo_files import write_kaggle, write_terabyte, write_upstream_days, write_upstream_processed
 
 import data_utils
@@ -773,16 +774,6 @@ data_utils.prepare(argparse.Namespace(**{args!r}))
 """
 
 
-def children(pid: int) -> set[int]:
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                found.add(int(stat.parent.name))
-    return found
-
-
 def test_workers_leave_when_their_run_is_killed_outright(tmp_path: Path) -> None:
     args = vars(make_args(write_kaggle(tmp_path, 2000)))
     script = SLOW_PREPARE.format(root=str(Path(data_utils.__file__).parent), args=args)
@@ -792,14 +783,14 @@ def test_workers_leave_when_their_run_is_killed_outright(tmp_path: Path) -> None
         deadline = time.monotonic() + 30
         while len(workers) < 2 and time.monotonic() < deadline and run.poll() is None:
             time.sleep(0.1)
-            workers = children(run.pid)
+            workers = {pid for pid, (parent, _) in live_processes().items() if parent == run.pid}
         assert len(workers) >= 2, "the workers did not start"
         run.kill()  # as kill -9 or the out-of-memory killer would
         run.wait()
         deadline = time.monotonic() + 5
-        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        while workers & live_processes().keys() and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+        assert not workers & live_processes().keys()
     finally:
         run.kill()
         for pid in workers:
