@@ -37,6 +37,10 @@ def live_processes() -> dict[int, tuple[int, int]]:
     return found
 
 
+def live_processes_in_group(group: int) -> list[int]:
+    return [pid for pid, (_, process_group) in live_processes().items() if process_group == group]
+
+
 def finished_lines(stdout: str) -> list[dict]:
     """Every `Finished ... it` line, parsed."""
     rows = []

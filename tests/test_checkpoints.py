@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, finished_lines, live_processes, run_script
+from conftest import ROOT, finished_lines, live_processes_in_group, run_script
 from criteo_files import write_upstream_processed
 
 import dlrm_s_pytorch
@@ -98,10 +98,6 @@ def finish(process: subprocess.Popen, timeout: float = 60) -> tuple[str, str]:
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         raise AssertionError(f"the run did not end within {timeout} s") from None
-
-
-def live_processes_in_group(group: int) -> list[int]:
-    return [pid for pid, (_, process_group) in live_processes().items() if process_group == group]
 
 
 def wait_for_line(process: subprocess.Popen, pattern: str) -> str:

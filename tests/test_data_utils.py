@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import live_processes
+from conftest import ROOT, live_processes, live_processes_in_group
 from criteo_files import write_kaggle, write_terabyte, write_upstream_days, write_upstream_processed
 
 import data_utils
@@ -714,25 +714,6 @@ def exits_at_the_second_chunk(options: data_utils.ParseOptions, chunk: data_util
     return CHUNK_ROWS(options, chunk)
 
 
-def interrupted_at_the_second_chunk(options: data_utils.ParseOptions, chunk: data_utils.Chunk) -> object:
-    """The first chunk takes a minute (a long merge); Ctrl-C comes while the second is read."""
-    if chunk.start == 0:
-        time.sleep(60)
-    elif once(Path(chunk.path).with_name("interrupted")):  # Ctrl-C signals the whole process group
-        os.kill(os.getppid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)
-    return CHUNK_VOCABULARY(options, chunk)
-
-
-def once(flag: Path) -> bool:
-    """True for the first process that asks (a later SIGINT would reach pytest after the test)."""
-    try:
-        os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize(
     "task, dying", [("_chunk_vocabulary", killed_at_the_second_chunk), ("_chunk_rows", exits_at_the_second_chunk)]
 )
@@ -746,18 +727,6 @@ def test_a_worker_that_dies_stops_the_run_with_one_line(
     assert not list(tmp_path.glob("*_processed.npz")) and not temporary_files(tmp_path)
 
 
-def test_ctrl_c_stops_preprocessing_at_once_without_a_worker_traceback(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
-) -> None:
-    args = make_args(write_kaggle(tmp_path, 700))
-    monkeypatch.setattr(data_utils, "_chunk_vocabulary", interrupted_at_the_second_chunk)
-    began = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        data_utils.prepare(args)
-    assert time.monotonic() - began < 20  # the worker still running its long task was stopped
-    assert "Traceback" not in capfd.readouterr().err
-
-
 SLOW_PREPARE = """
 import argparse, sys, time
 sys.path.insert(0, {root!r})
@@ -765,19 +734,51 @@ import data_utils
 chunk_vocabulary = data_utils._chunk_vocabulary
 
 def slow(options, chunk):
+    if chunk.start == 0:
+        open({started!r}, "w").close()
+        time.sleep({first_chunk_s})
     time.sleep(0.5)
     return chunk_vocabulary(options, chunk)
 
 data_utils._chunk_vocabulary = slow
 data_utils.CHUNK_BYTES = 20_000
-data_utils.prepare(argparse.Namespace(**{args!r}))
+try:
+    data_utils.prepare(argparse.Namespace(**{args!r}))
+except KeyboardInterrupt:
+    sys.exit("Interrupted.")
 """
 
 
-def test_workers_leave_when_their_run_is_killed_outright(tmp_path: Path) -> None:
+def start_slow_prepare(tmp_path: Path, first_chunk_s: float) -> subprocess.Popen:
+    """Preprocessing in a process group of its own, each chunk slowed; once the first chunk's worker has begun,
+    the file ``started`` exists."""
     args = vars(make_args(write_kaggle(tmp_path, 2000)))
-    script = SLOW_PREPARE.format(root=str(Path(data_utils.__file__).parent), args=args)
-    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = str(tmp_path / "started")
+    script = SLOW_PREPARE.format(root=str(ROOT), started=started, first_chunk_s=first_chunk_s, args=args)
+    return subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def test_ctrl_c_stops_preprocessing_at_once_without_a_worker_traceback(tmp_path: Path) -> None:
+    run = start_slow_prepare(tmp_path, first_chunk_s=60)  # the first chunk takes a minute, as a long merge might
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)  # the other worker reads on meanwhile
+        os.killpg(run.pid, signal.SIGINT)  # as Ctrl-C at a terminal: every process of the group
+        _, stderr = run.communicate(timeout=20)
+    finally:
+        if live_processes_in_group(run.pid):
+            os.killpg(run.pid, signal.SIGKILL)
+    assert "Traceback" not in stderr and stderr.endswith("Interrupted.\n"), stderr
+    assert run.returncode == 1 and not live_processes_in_group(run.pid)
+
+
+def test_workers_leave_when_their_run_is_killed_outright(tmp_path: Path) -> None:
+    run = start_slow_prepare(tmp_path, first_chunk_s=0)
     workers: set[int] = set()
     try:
         deadline = time.monotonic() + 30
