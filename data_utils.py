@@ -619,7 +619,7 @@ def _start_worker(initializer: Callable | None, args: tuple) -> None:
         if initializer is not None:
             initializer(*args)
     except Exception as error:  # its tasks report it: raised here, it would print a traceback and break the pool
-        _worker_failure = f"a preprocessing worker process could not start: {_first_line(error)}"
+        _worker_failure = f"a preprocessing worker process could not start: {first_line(error)}"
 
 
 def _exit_with(parent: int) -> None:
@@ -635,8 +635,12 @@ def _run_task(function: Callable, task: object) -> object:
     return function(task)
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0]
+def first_line(error: BaseException) -> str:
+    """An error's message in one line, for the one-line errors of this module and the script."""
+    text = str(error).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:  # raised in a DataLoader worker
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return (text.splitlines() or [type(error).__name__])[0]
 
 
 def _in_order(pool: ProcessPoolExecutor, function: Callable, tasks: Iterable, ahead: int) -> Iterator:
@@ -1382,7 +1386,7 @@ def _array_location(path: Path, name: str) -> tuple[int, tuple[int, ...], np.dty
             shape, dtype = _npy_header(f, path, name)
             offset = f.tell()
     except (zipfile.BadZipFile, KeyError, ValueError, EOFError, struct.error) as error:
-        raise _damaged(path, _first_line(error)) from None
+        raise _damaged(path, first_line(error)) from None
     member_end = member_start + info.file_size
     if offset + math.prod(shape) * dtype.itemsize > min(member_end, path.stat().st_size):
         raise _damaged(path, f"array {name} is cut short")
@@ -1395,7 +1399,7 @@ def _reading(path: Path) -> Iterator[None]:
     try:
         yield
     except (zipfile.BadZipFile, EOFError, ValueError, zlib.error) as error:
-        raise _damaged(path, _first_line(error)) from None
+        raise _damaged(path, first_line(error)) from None
 
 
 def _damaged(path: Path, why: str) -> DataError:

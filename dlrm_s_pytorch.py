@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 import data_utils
 import distributed_utils
 import trace_data
-from data_utils import DataError
+from data_utils import DataError, first_line
 from distributed_utils import EmbeddingExchange, Ranks, Shard
 from habana_dlrm_ops import (
     OPTIMIZERS,
@@ -1669,13 +1669,6 @@ def export(args: argparse.Namespace, trainer: Trainer) -> None:
         export_onnx(trainer.model, batch, args.save_onnx)
     if args.plot_compute_graph:
         plot_compute_graph(trainer.model, batch)
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    if text.startswith("Caught ") and "Original Traceback" in text:  # raised in a DataLoader worker
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return (text.splitlines() or [type(error).__name__])[0]
 
 
 def fail(code: int, message: str) -> int:
