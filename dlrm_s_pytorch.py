@@ -1723,27 +1723,20 @@ def main(argv: list[str]) -> int:
     if args.hmp_verbose:
         print(f"bf16 ops: {', '.join(sorted(BF16_OPS))}; fp32 ops: {', '.join(sorted(FP32_OPS))}")
 
+    profile_name = f"{PROFILE_STEM}.rank{ranks.rank}" if ranks.world_size > 1 else PROFILE_STEM
     try:
         trainer = build(args, sizes, backend, ranks)
+        with profiling(args.enable_profiling, backend.device_type, profile_name):
+            code = trainer.run()
     except (UsageError, DataError, CheckpointError) as e:
-        return fail(2, str(e))
-    except (dist.DistError, RuntimeError) as e:  # a rank that failed here leaves the others' set-up broken
+        return fail(2, first_line(e))
+    except DivergedError as e:
+        return fail(1, str(e))
+    except (dist.DistError, RuntimeError) as e:  # gloo reports a lost rank as a RuntimeError, in set-up or after
         if not dist.is_initialized():
             raise
+        # the process group is broken: tearing it down could abort or hang
         return fail(1, f"rank {ranks.rank} stopped: {first_line(e)}")
-    profile_name = f"{PROFILE_STEM}.rank{ranks.rank}" if ranks.world_size > 1 else PROFILE_STEM
-    with profiling(args.enable_profiling, backend.device_type, profile_name):
-        try:
-            code = trainer.run()
-        except (DataError, CheckpointError) as e:
-            return fail(2, first_line(e))
-        except DivergedError as e:
-            return fail(1, str(e))
-        except (dist.DistError, RuntimeError) as e:  # gloo reports a lost rank as a RuntimeError
-            if not dist.is_initialized():
-                raise
-            # the process group is broken: tearing it down could abort or hang
-            return fail(1, f"rank {ranks.rank} stopped: {first_line(e)}")
     if args.debug_mode:
         for name, weight in trainer.model.named_weights():
             print(f"updated {name}:\n{weight.detach()}")
