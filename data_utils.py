@@ -64,6 +64,7 @@ MERGE_PROCESSES = 2  # processes that merge runs at the same time (each holds up
 LOOKUP_RESIDENT_BYTES = 1 << 29  # pass 2 keeps lookups up to this size mapped; larger ones only while in use
 MAPPED_BYTES = 1 << 27  # what a lookup that is not kept mapped may map at a time
 FAULT_AROUND_BYTES = 64 << 10  # the kernel maps up to this much around each page of a file read through a map
+TEMPORARY_NAME = r"\.(?P<final>{final})\.(?P<pid>[0-9]+)\.[^.]+"  # what a process writes before the final file
 
 Batch = tuple[Tensor, list[Tensor], list[Tensor], Tensor]
 
@@ -261,7 +262,7 @@ def prepare(args: argparse.Namespace) -> Processed:
             else:
                 processed = _prepare_concatenated(args, files)
     except OSError as error:  # a read-only folder, an unreadable file, a full disk
-        where = error.filename or (files.raw or files.processed).parent  # a failed write may name no file
+        where = _final_name(error.filename, files) if error.filename else (files.raw or files.processed).parent
         raise DataError(f"{where}: {error.strerror or error}") from None
     _check_trainable(processed, files)
     return processed
@@ -402,13 +403,26 @@ def _write_bin(path: Path, rows: DayRows, order: np.ndarray | range) -> None:
             out.write(np.column_stack((labels, dense, categorical)).astype(np.int32).tobytes())
 
 
+def _final_name(filename: str | bytes, files: CriteoFiles) -> Path:
+    """The file a user knows for a file an error names: a temporary file in a data folder, or a file in such a
+    temporary folder, becomes the file it was to be."""
+    path = Path(os.fsdecode(filename))
+    made_by = re.compile(TEMPORARY_NAME.format(final=".+"))
+    data_folders = {files.processed.parent} | ({files.raw.parent} if files.raw else set())
+    for part in (path, path.parent):
+        match = made_by.fullmatch(part.name)
+        if match and part.parent in data_folders:
+            return part.parent / match["final"]
+    return path
+
+
 def _remove_leftovers(folder: Path, prefix: str) -> None:
     """Remove the temporary files and folders (``.<prefix>....<pid>.<suffix>``) that runs killed outright left: a
     day's parts can take gigabytes. Their names never pass for finished files; a running process's are kept."""
-    made_by = re.compile(rf"\.{re.escape(prefix)}[._].*\.([0-9]+)\.[^.]+")
+    made_by = re.compile(TEMPORARY_NAME.format(final=rf"{re.escape(prefix)}[._].*"))
     for path in folder.glob(f".{glob.escape(prefix)}*"):
         match = made_by.fullmatch(path.name)
-        if match and not _running(int(match[1])):
+        if match and not _running(int(match["pid"])):
             if path.is_dir():
                 shutil.rmtree(path)
             else:

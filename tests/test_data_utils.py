@@ -840,6 +840,26 @@ def test_a_failing_write_names_the_folder_or_the_file(
     assert not list(tmp_path.glob("*_processed.npz")) and not temporary_files(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("temporary", "final"),
+    [
+        (".kaggleAdDisplayChallenge_processed.npz.4321.tmp", "kaggleAdDisplayChallenge_processed.npz"),
+        (".train_day_0_processed.npz.4321.k9_x2abc/X_int", "train_day_0_processed.npz"),
+    ],
+)
+def test_a_failing_write_to_a_temporary_file_names_the_file_it_was_to_be(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, temporary: str, final: str
+) -> None:
+    raw = write_kaggle(tmp_path, 700)
+
+    def fails(*_: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / temporary))
+
+    monkeypatch.setattr(data_utils.DayWriter, "append", fails)
+    with pytest.raises(DataError, match=f"^{tmp_path / final}: Permission denied$"):
+        data_utils.prepare(make_args(raw))
+
+
 def test_a_bad_crc_in_the_processed_file_names_it(tmp_path: Path) -> None:
     args = make_args(write_kaggle(tmp_path, 700))
     path = data_utils.prepare(args).concatenated
