@@ -541,13 +541,13 @@ def _day_chunks(files: CriteoFiles) -> list[list[Chunk]]:
 
 def _file_chunks(path: Path, day: int) -> list[Chunk]:
     """The file cut into chunks of about CHUNK_BYTES, each ending at a line end."""
-    chunks, start, first_line = [], 0, 1
+    chunks, start, line_number = [], 0, 1
     with open(path, "rb") as f:
         while block := f.read(CHUNK_BYTES):
             block += f.readline()
             lines = block.count(b"\n") + (not block.endswith(b"\n"))
-            chunks.append(Chunk(str(path), start, start + len(block), first_line, lines, day))
-            start, first_line = start + len(block), first_line + lines
+            chunks.append(Chunk(str(path), start, start + len(block), line_number, lines, day))
+            start, line_number = start + len(block), line_number + lines
     return chunks
 
 
@@ -1296,7 +1296,7 @@ def _array_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                     shapes[name] = _npy_header(stream, path, name)[0]
             return shapes
     except (zipfile.BadZipFile, ValueError, OSError) as error:
-        raise DataError(f"{path}: not a readable npz file ({error}); delete it to make it again") from None
+        raise _damaged(path, f"not a readable npz file: {first_line(error)}") from None
 
 
 def _check_arrays(path: Path, expected: dict[str, tuple[int | None, ...]]) -> dict[str, tuple[int, ...]]:
