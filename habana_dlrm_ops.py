@@ -11,8 +11,8 @@ The original built this for Gaudi; the design is kept on every device:
    a ``.grad``.
 3. The MLPs' SGD or Adagrad: in eager mode on the CPU and CUDA (``DenseOptimizer``) applied to each parameter as
    soon as autograd has its gradient, so the MLPs' gradients never all exist at once; in lazy mode one compiled
-   step after backward (``CompiledDenseOptimizer``); on Gaudi, and when ranks average gradients, torch's
-   optimizer or the bridge's ``FusedAdagrad`` after backward.
+   step after backward (``CompiledDenseOptimizer``); on Gaudi, and in eager mode when ranks average gradients,
+   torch's optimizer or the bridge's ``FusedAdagrad`` after backward.
 4. ``Backend``: what differs between the CPU, a CUDA GPU and a Gaudi card (where tensors live, the kernels,
    the dense optimizer, what lazy mode compiles, ``mark_step``, and on CUDA the iteration replayed as one
    graph). ``select_backend`` picks one.
@@ -325,7 +325,7 @@ class EmbeddingBag(nn.Module):
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose product is the backend's kernel (oneDNN's in eager mode on the CPU)."""
+    """``nn.Linear`` whose product is the backend's kernel (oneDNN's for fp32 on the CPU)."""
 
     def __init__(self, in_features: int, out_features: int, kernels: TorchKernels, device: str = "cpu") -> None:
         super().__init__(in_features, out_features, device=device)
@@ -465,7 +465,7 @@ MlpOptimizer = DenseOptimizer | CompiledDenseOptimizer | StepAfterBackward  # ea
 
 
 class Backend:
-    """The CPU: the interface every device implements, and torch's kernels.
+    """The CPU: the interface every device implements, and torch's kernels (the MLPs' fp32 products in oneDNN).
 
     Lazy mode compiles the dense path (``compile``) and, on the CPU and CUDA, the dense optimizer's step; on CUDA
     it also replays the whole iteration as a graph (``capture``). ``mark_step`` ends each iteration in the loop on

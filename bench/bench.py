@@ -50,7 +50,7 @@ def mlp_gflop_per_iteration(precision: str) -> float:
 
 def gemm_gflops(dtype: torch.dtype, library: str) -> float:
     """The best rate of a matrix product at the top MLP's shape (512 x 4096 x 4096), the first call left out:
-    torch.mm's (the goals' floor), or oneDNN's, which eager fp32 training uses and which is faster on some CPUs.
+    torch.mm's (the goals' floor), or oneDNN's, which fp32 training on the CPU uses and which is faster on some CPUs.
 
     The best, not the median: a slow spell of this shared machine must not lower the floor a run is held to. The
     torch.mm product is written into the same tensor each time, so no allocation slows the rate down.
@@ -59,7 +59,7 @@ def gemm_gflops(dtype: torch.dtype, library: str) -> float:
     product = torch.empty(BATCH, 4096, dtype=dtype)
     multiply = {
         "torch.mm": lambda: torch.mm(a, b, out=product),
-        "oneDNN": lambda: onednn_product(a, b, None),  # the product eager fp32 training uses
+        "oneDNN": lambda: onednn_product(a, b, None),  # the product fp32 training uses, eager and lazy
     }[library]
     rates = []
     for _ in range(GEMM_REPEATS):
