@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import dlrm_s_pytorch  # noqa: E402
-from habana_dlrm_ops import EmbeddingBag, preprocess_bags  # noqa: E402
+from habana_dlrm_ops import ADAGRAD_EPS, EmbeddingBag, preprocess_bags  # noqa: E402
 
 KAGGLE_ROWS = [
     1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992, 5461306, 10, 5652,
@@ -39,7 +39,7 @@ KAGGLE_FLAGS = [
     "--optimizer=adagrad", "--learning-rate=0.01",
 ]  # fmt: skip
 MEDIUM_CONFIG = ROOT / "hb_configs" / "single_node_dlrm_eager_medium_fp32.yaml"
-LR, EPS = 0.01, 1e-10
+LR = 0.01
 
 
 def median_ms(step: Callable[[], object], iterations: int) -> float:
@@ -78,7 +78,7 @@ def embedding(iterations: int = 10) -> dict:
     ours = EmbeddingBag(initial.clone())
     ours.set_optimizer("adagrad", LR)
     plain = nn.EmbeddingBag.from_pretrained(initial.clone(), freeze=False, mode="sum", sparse=True)
-    plain_optimizer = torch.optim.Adagrad(plain.parameters(), lr=LR, eps=EPS)
+    plain_optimizer = torch.optim.Adagrad(plain.parameters(), lr=LR, eps=ADAGRAD_EPS)
     fbgemm = make_fbgemm(rows, dim, initial)
 
     def steps(one_step):
@@ -131,7 +131,7 @@ def make_fbgemm(rows: int, dim: int, initial: torch.Tensor) -> nn.Module | None:
         embedding_specs=[(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
         optimizer=EmbOptimType.EXACT_ADAGRAD,
         learning_rate=LR,
-        eps=EPS,
+        eps=ADAGRAD_EPS,
         pooling_mode=PoolingMode.SUM,
         weights_precision=SparseType.FP32,
     )
@@ -158,7 +158,7 @@ def kaggle_torchrec(iterations: int = 10) -> dict:
     tables = FusedEmbeddingBagCollection(
         tables=configs,
         optimizer_type=torch.optim.Adagrad,
-        optimizer_kwargs=dict(lr=LR, eps=EPS),
+        optimizer_kwargs=dict(lr=LR, eps=ADAGRAD_EPS),
         device=torch.device("cpu"),
     )
     model = DLRM(
@@ -168,7 +168,7 @@ def kaggle_torchrec(iterations: int = 10) -> dict:
         over_arch_layer_sizes=sizes.top[1:],
     )
     dense_params = [p for name, p in model.named_parameters() if "embedding_bag_collection" not in name]
-    optimizer = torch.optim.Adagrad(dense_params, lr=LR, eps=EPS)
+    optimizer = torch.optim.Adagrad(dense_params, lr=LR, eps=ADAGRAD_EPS)
     lengths = torch.cat(
         [torch.diff(o, append=torch.tensor([i.numel()])) for o, i in zip(offsets, indices, strict=True)]
     )
@@ -205,8 +205,8 @@ class PlainDLRM(nn.Module):
 def plain_step_ms(argv: list[str], iterations: int) -> dict:
     args, sizes, [(dense, offsets, indices, targets)] = raw_batches(argv, 1)
     model = PlainDLRM(args, sizes)
-    sparse = torch.optim.Adagrad(model.tables.parameters(), lr=args.learning_rate, eps=EPS)
-    dense_opt = torch.optim.Adagrad(model.dense.parameters(), lr=args.learning_rate, eps=EPS)
+    sparse = torch.optim.Adagrad(model.tables.parameters(), lr=args.learning_rate, eps=ADAGRAD_EPS)
+    dense_opt = torch.optim.Adagrad(model.dense.parameters(), lr=args.learning_rate, eps=ADAGRAD_EPS)
 
     def step() -> None:
         _, loss, _ = model(dense, offsets, indices, targets)
