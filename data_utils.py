@@ -486,7 +486,7 @@ class BadLines:
     def report(self, raw: Path) -> None:
         total = sum(self.per_day.values())
         if total:
-            print(f"--skip-bad-lines: skipped {total} bad line(s) of {raw} (first: {self.first})", flush=True)
+            _status(f"--skip-bad-lines: skipped {total} bad line(s) of {raw} (first: {self.first})")
 
 
 def _preprocess(args: argparse.Namespace, files: CriteoFiles) -> None:
