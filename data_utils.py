@@ -43,6 +43,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -1274,7 +1275,7 @@ def _write_npz(path: Path, members: dict[str, Member]) -> None:
                     out.write(block if isinstance(block, bytes) else np.ascontiguousarray(block, dtype).tobytes())
 
 
-def _npy_header(stream, path: Path, name: str) -> tuple[tuple[int, ...], np.dtype]:
+def _npy_header(stream: IO[bytes], path: Path, name: str) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype from a .npy header; the stream is left at the data."""
     version = np.lib.format.read_magic(stream)
     if version not in ((1, 0), (2, 0)):

@@ -27,7 +27,8 @@ import os
 import resource
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, is_dataclass, replace
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -560,7 +561,7 @@ class CUDABackend(Backend):
         return f"Peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.1f} MB"
 
 
-class CUDAGraphStep:
+class CUDAGraphStep(Generic[T]):
     """A training iteration replayed as a CUDA graph: no Python and no kernel launches per iteration.
 
     The first ``warmup`` - 1 calls run the iteration on a side stream (compiling, and settling what it allocates),
@@ -610,7 +611,7 @@ def _tensors(value: Any) -> Iterator[Tensor]:
 class HPUKernels(TorchKernels):
     """The op's kernels as the original called them on Gaudi (``habana_frameworks.torch.hpex``)."""
 
-    def __init__(self, bag_kernels: Any, sparse_adagrad: Callable, sparse_sgd: Callable) -> None:
+    def __init__(self, bag_kernels: ModuleType, sparse_adagrad: ModuleType, sparse_sgd: ModuleType) -> None:
         self.bag_kernels, self.sparse_adagrad, self.sparse_sgd = bag_kernels, sparse_adagrad, sparse_sgd
         self.grad_buffers: dict[tuple, Tensor] = {}
         self.lr_tensors: dict[tuple, Tensor] = {}

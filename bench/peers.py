@@ -81,7 +81,7 @@ def embedding(iterations: int = 10) -> dict:
     plain_optimizer = torch.optim.Adagrad(plain.parameters(), lr=LR, eps=ADAGRAD_EPS)
     fbgemm = make_fbgemm(rows, dim, initial)
 
-    def steps(one_step):
+    def steps(one_step: Callable[[int], object]) -> Callable[[], object]:
         """Every batch once untimed (so each side has touched the same memory), then once more, timed."""
         for k in range(len(batches)):
             one_step(k)
