@@ -27,7 +27,7 @@ sys.path.insert(0, {root!r})
 import data_utils
 flags = dict(data_set="kaggle", raw_data_file={raw!r}, processed_data_file="", max_ind_range=-1,
              data_sub_sample_rate=0.0, data_randomize="none", memory_map=True, mlperf_bin_loader=False,
-             mlperf_bin_shuffle=False, numpy_rand_seed=123, skip_bad_lines=False)
+             numpy_rand_seed=123, skip_bad_lines=False)
 print(sum(data_utils.prepare(argparse.Namespace(**flags)).counts))
 """
 
