@@ -69,7 +69,7 @@ class DivergedError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse would print the whole usage first
+    def error(self, message: str) -> NoReturn:  # argparse would print the whole usage first
         raise UsageError(message)
 
 
@@ -296,10 +296,10 @@ UNAVAILABLE = [
     ("--hmp-opt-level", lambda a: a.hmp_opt_level != "O1", "is not supported: only O1 (the original's op lists)"),
 ]  # fmt: skip
 
-# Flags that only mean something with one kind of data
 PROFILE_STEM = "dlrm_s_pytorch"  # --enable-profiling writes <stem>.json and <stem>.prof in the working folder
 GRAPH_STEM = "dlrm_s_pytorch_graph"  # --plot-compute-graph writes <stem>.dot (and <stem>.pdf)
 PROCESSES_PER_CORE = 4  # loader processes, or self-started ranks: more only compete for the cores, and cost memory
+# Flags that only mean something with one kind of data
 DATA_FLAGS = {
     "dataset": (
         "data_set", "raw_data_file", "processed_data_file", "data_randomize", "max_ind_range", "data_sub_sample_rate",
@@ -490,8 +490,6 @@ def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, Sizes, dict
 # Data: random batches, generated and preprocessed in the loader (so worker processes can prefetch them)
 # ---------------------------------------------------------------------------------------------------------
 
-FIRST_BATCH_SEED = 987  # the original reseeded numpy with 987 + j before generating batch j
-
 
 @dataclass
 class Batch:
@@ -512,45 +510,18 @@ class Batch:
         return Batch(self.dense.pin_memory(), bags, self.targets.pin_memory(), self.samples)
 
 
-class RandomDataset(torch.utils.data.Dataset):
-    """Item ``index`` is a whole batch of raw samples: dense features, each table's bags, targets."""
+class RandomDataset(trace_data.SeededBatches):
+    """The original's random batches (seeded per batch by ``SeededBatches``), with its uniform bags."""
 
-    def __init__(self, args: argparse.Namespace, sizes: Sizes) -> None:
-        self.args, self.sizes = args, sizes
-        self.batch_size = args.mini_batch_size
-        if args.num_batches > 0:
-            self.num_batches, self.data_size = args.num_batches, args.num_batches * self.batch_size
-        else:
-            self.num_batches, self.data_size = math.ceil(args.data_size / self.batch_size), args.data_size
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __getitem__(self, index: int) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
-        """Batch ``index`` of the current epoch: (dense, per-table offsets, per-table indices, targets)."""
-        rng = np.random.RandomState(FIRST_BATCH_SEED + self.epoch * self.num_batches + index)
-        n = min(self.batch_size, self.data_size - index * self.batch_size)
-        dense = torch.from_numpy(rng.rand(n, self.sizes.dense_features).astype(np.float32))
-        offsets, indices = [], []
-        for rows in self.sizes.tables:
-            table_offsets, table_indices = self._bags(rng, n, rows)
-            offsets.append(table_offsets)
-            indices.append(table_indices)
-        targets = rng.rand(n, 1).astype(np.float32)
-        if self.args.round_targets:
-            targets = np.round(targets)
-        return dense, offsets, indices, torch.from_numpy(targets)
-
-    def _bags(self, rng: np.random.RandomState, n: int, rows: int) -> tuple[Tensor, Tensor]:
+    def _bags(self, rng: np.random.RandomState, n: int, table: int) -> tuple[Tensor, Tensor]:
         """One table's bags, drawing the numbers the original drew sample by sample, in bulk.
 
         Per sample the original drew ``random(1)`` for the bag size k (unless fixed), then ``random(k)``;
         that stream is one ``random(total)``, so draw an upper bound, walk it for the sizes, then rewind and
         consume exactly what was used. Each bag is ``unique(round(r * (rows - 1)))``.
         """
-        largest = self.args.num_indices_per_lookup
-        if self.args.num_indices_per_lookup_fixed:
+        rows, largest = self.tables[table], self.largest_bag
+        if self.fixed_bags:
             stream = rng.random(n * largest)
             sizes, starts = np.full(n, largest), np.arange(n) * largest
         else:
@@ -1386,8 +1357,8 @@ class Trainer:
         """Forward and loss, and when training backward (the sparse updates run inside) and the dense step."""
         scores, loss, stats = self.forward(batch)
         if self.training:
-            loss.backward()  # the sparse updates happen in here, and the dense ones with DenseOptimizer
-            self.optimizer.step()
+            loss.backward()  # the sparse updates happen in here, and the dense ones with a DenseOptimizer
+            self.optimizer.step()  # the dense update, for every other optimizer
         return scores, loss, stats
 
     def report(self, it: int, nbatches: int, epoch: int) -> None:
@@ -1545,14 +1516,13 @@ def plot_compute_graph(model: DLRM, batch: Batch) -> None:
     except ImportError:
         print("--plot-compute-graph: torchviz is not installed (pip install torchviz), no graph drawn")
         return
-    name = GRAPH_STEM
     serving = ServingDLRM(model)
     graph = make_dot(serving(*serving_inputs(batch)).mean(), params=dict(serving.named_parameters()))
-    Path(f"{name}.dot").write_text(graph.source)
-    drawn = f"{name}.dot"
+    Path(f"{GRAPH_STEM}.dot").write_text(graph.source)
+    drawn = f"{GRAPH_STEM}.dot"
     if shutil.which("dot"):
-        graph.render(name, format="pdf", cleanup=True)
-        drawn += f" and {name}.pdf"
+        graph.render(GRAPH_STEM, format="pdf", cleanup=True)
+        drawn += f" and {GRAPH_STEM}.pdf"
     print(f"Compute graph written to {drawn}")
 
 

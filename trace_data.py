@@ -13,6 +13,9 @@ The file format is the original's, three lines of comma-separated values:
 
 ``--data-trace-file`` names one file per table: every "j" in the file name (not in the folders) is replaced by
 the table's number, so ``./input/dist_emb_j.log`` is ``./input/dist_emb_0.log`` for table 0.
+
+``SeededBatches`` draws a batch's dense features and targets and reseeds numpy for every batch, as the original
+did; the random data (``dlrm_s_pytorch.RandomDataset``) and the trace data differ only in their bags.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-FIRST_BATCH_SEED = 987  # the original reseeded numpy with 987 + j before batch j; the random data does the same
+FIRST_BATCH_SEED = 987  # the original reseeded numpy with 987 + j before generating batch j
 CUMULATIVE_TOLERANCE = 1e-6  # how far from 1 the last cumulative probability of a file may be (float sums)
 
 
@@ -222,14 +225,12 @@ class TableSizes(Protocol):
     tables: list[int]  # rows of each table
 
 
-class TraceDataset(torch.utils.data.Dataset):
-    """Item ``index`` is a whole batch: dense features, each table's bags, targets; the rows come from traces.
+class SeededBatches(torch.utils.data.Dataset):
+    """Item ``index`` is a whole batch: dense features, each table's bags, targets, drawn as the original drew them.
 
-    Dense features, bag sizes and targets are drawn as by the random data. Each table's bags in a batch are one
-    replay of its trace from a fresh LRU stack (the original started afresh for every bag), and each bag keeps
-    its distinct rows, sorted, as the original.
     Batch ``index`` of epoch ``epoch`` depends only on those two and the construction: numpy is reseeded with
-    987 + epoch * len(self) + index, so loader processes and resumed runs make the same batches.
+    987 + epoch * len(self) + index, so loader processes and resumed runs make the same batches. A subclass draws
+    each table's bags (``_bags``); the dense features come before them and the targets after, from the same stream.
     """
 
     def __init__(self, args: argparse.Namespace, sizes: TableSizes) -> None:
@@ -240,19 +241,7 @@ class TraceDataset(torch.utils.data.Dataset):
             self.num_batches, self.data_size = math.ceil(args.data_size / self.batch_size), args.data_size
         self.dense_features, self.tables = sizes.dense_features, list(sizes.tables)
         self.largest_bag, self.fixed_bags = args.num_indices_per_lookup, args.num_indices_per_lookup_fixed
-        self.round_targets, self.pad = args.round_targets, args.data_trace_enable_padding
-
-        files = [table_trace_file(args.data_trace_file, table) for table in range(len(self.tables))]
-        read = {file: read_trace_distribution(file) for file in dict.fromkeys(files)}
-        self.distributions = [read[file] for file in files]
-        for table, (file, rows) in enumerate(zip(files, self.tables, strict=True)):
-            accesses = read[file].unique_accesses
-            if min(accesses) < 0 or max(accesses) >= rows:
-                warnings.warn(
-                    f"trace file {file}: rows {min(accesses)}..{max(accesses)} do not fit table {table} of {rows} "
-                    f"rows; using them modulo {rows}, as the original did",
-                    stacklevel=2,
-                )
+        self.round_targets = args.round_targets
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -266,8 +255,8 @@ class TraceDataset(torch.utils.data.Dataset):
         n = min(self.batch_size, self.data_size - index * self.batch_size)
         dense = torch.from_numpy(rng.rand(n, self.dense_features).astype(np.float32))
         offsets, indices = [], []
-        for rows, distribution in zip(self.tables, self.distributions, strict=True):
-            table_offsets, table_indices = self._bags(rng, n, rows, _LruReplay(distribution, self.pad))
+        for table in range(len(self.tables)):
+            table_offsets, table_indices = self._bags(rng, n, table)
             offsets.append(table_offsets)
             indices.append(table_indices)
         targets = rng.rand(n, 1).astype(np.float32)
@@ -275,8 +264,36 @@ class TraceDataset(torch.utils.data.Dataset):
             targets = np.round(targets)
         return dense, offsets, indices, torch.from_numpy(targets)
 
-    def _bags(self, rng: np.random.RandomState, n: int, rows: int, replay: _LruReplay) -> tuple[Tensor, Tensor]:
+    def _bags(self, rng: np.random.RandomState, n: int, table: int) -> tuple[Tensor, Tensor]:
+        """Table ``table``'s ``n`` bags: (offsets, indices)."""
+        raise NotImplementedError
+
+
+class TraceDataset(SeededBatches):
+    """Batches whose rows come from traces; dense features, bag sizes and targets are drawn as by the random data.
+
+    Each table's bags in a batch are one replay of its trace from a fresh LRU stack (the original started afresh
+    for every bag), and each bag keeps its distinct rows, sorted, as the original.
+    """
+
+    def __init__(self, args: argparse.Namespace, sizes: TableSizes) -> None:
+        super().__init__(args, sizes)
+        self.pad = args.data_trace_enable_padding
+        files = [table_trace_file(args.data_trace_file, table) for table in range(len(self.tables))]
+        read = {file: read_trace_distribution(file) for file in dict.fromkeys(files)}
+        self.distributions = [read[file] for file in files]
+        for table, (file, rows) in enumerate(zip(files, self.tables, strict=True)):
+            accesses = read[file].unique_accesses
+            if min(accesses) < 0 or max(accesses) >= rows:
+                warnings.warn(
+                    f"trace file {file}: rows {min(accesses)}..{max(accesses)} do not fit table {table} of {rows} "
+                    f"rows; using them modulo {rows}, as the original did",
+                    stacklevel=2,
+                )
+
+    def _bags(self, rng: np.random.RandomState, n: int, table: int) -> tuple[Tensor, Tensor]:
         """One table's ``n`` bags, drawing as the original: per bag its size (unless fixed), then its rows."""
+        rows, replay = self.tables[table], _LruReplay(self.distributions[table], self.pad)
         bags, lengths = [], np.empty(n, np.int64)
         for sample in range(n):
             if self.fixed_bags:
