@@ -355,7 +355,12 @@ def _check_data_flags(args: argparse.Namespace, parser: argparse.ArgumentParser)
             raise UsageError(f"--{dest.replace('_', '-')}: must be in [0, 1), got {getattr(args, dest)}")
 
 
-def _check_one_rank_flags(args: argparse.Namespace, world_size: int) -> None:
+def _check_rank_flags(args: argparse.Namespace, world_size: int, counted_by: str) -> None:
+    """The flags that depend on the number of ranks (``counted_by``: where that number came from)."""
+    for flag in ("mini_batch_size", "test_mini_batch_size"):
+        size = getattr(args, flag)
+        if size > 0 and size % world_size:
+            raise UsageError(f"--{flag.replace('_', '-')} {size} is not divisible by {counted_by}")
     for flag in ("save_onnx", "plot_compute_graph"):
         if getattr(args, flag) and world_size > 1:
             raise UsageError(f"--{flag.replace('_', '-')}: needs one rank (distributed, each rank holds some tables)")
@@ -377,7 +382,7 @@ def _check_writable(flag: str, path: str, folder: bool = False) -> None:
 
 
 def _check_run_flags(args: argparse.Namespace) -> None:
-    _check_one_rank_flags(args, args.world_size)
+    _check_rank_flags(args, args.world_size, f"--world_size {args.world_size}")
     for flag in ("save_model", "metrics_file", "save_onnx"):
         path = getattr(args, flag)
         if path:
@@ -447,10 +452,6 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
         raise UsageError("--no-habana: contradicts --device hpu")
     if args.world_size < 1:
         raise UsageError(f"--world_size: must be positive, got {args.world_size}")
-    for flag in ("mini_batch_size", "test_mini_batch_size"):
-        size = getattr(args, flag)
-        if size > 0 and size % args.world_size:
-            raise UsageError(f"--{flag.replace('_', '-')} {size} is not divisible by --world_size {args.world_size}")
     if not 0.0 <= args.loss_threshold < 1.0:
         raise UsageError(f"--loss-threshold: must be in [0, 1), got {args.loss_threshold}")
     if args.measure_perf and args.num_batches <= 0:
@@ -1566,12 +1567,7 @@ def join_ranks(args: argparse.Namespace, backend: Backend, ranks: Ranks | None) 
         ranks = Ranks(0, 1, 0, 1)
     if args.world_size not in (1, ranks.world_size):
         raise UsageError(f"--world_size {args.world_size}: the launcher started {ranks.world_size} ranks")
-    for flag in ("mini_batch_size", "test_mini_batch_size"):
-        if getattr(args, flag) > 0 and getattr(args, flag) % ranks.world_size:
-            raise UsageError(
-                f"--{flag.replace('_', '-')} {getattr(args, flag)} is not divisible by {ranks.world_size} ranks"
-            )
-    _check_one_rank_flags(args, ranks.world_size)
+    _check_rank_flags(args, ranks.world_size, f"{ranks.world_size} ranks")
     try:
         distributed_utils.init_process_group(ranks, backend.process_group)
     except (RuntimeError, ValueError) as e:
