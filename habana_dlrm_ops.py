@@ -37,6 +37,7 @@ OPTIMIZERS = ("sgd", "adagrad")
 ADAGRAD_EPS = 1e-10  # the original's sparse kernel and torch.optim.Adagrad's default
 DENSE_CHUNK = 1 << 20  # elements per step of the eager dense Adagrad update on the CPU
 INDEX = torch.int32  # the Habana kernels take int32 indices; torch's kernels accept them too
+PADDING_BAG = 32  # the most padding entries one throwaway bag sums (WholeBufferKernels)
 T = TypeVar("T")
 
 
@@ -266,9 +267,6 @@ class WholeBufferKernels(TorchKernels):
     def updated_rows(self, bags: BagBatch, table_rows: int) -> Tensor:
         slots = torch.arange(bags.unique_indices.numel(), device=bags.unique_indices.device)
         return torch.where(slots < bags.valid_counts[4], bags.unique_indices, slots % table_rows).long()
-
-
-PADDING_BAG = 32
 
 
 def _with_padding_bags(starts: Tensor, count: Tensor, capacity: int) -> Tensor:
