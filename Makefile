@@ -19,7 +19,7 @@ $(VENV)/extras: requirements-extras.txt $(VENV)/installed
 	touch $@
 
 test: $(VENV)/extras
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 $(VENV)/peers: bench/requirements-peers.txt $(VENV)/installed
 	$(PY) -m pip install --quiet -r bench/requirements-peers.txt
