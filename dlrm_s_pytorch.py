@@ -247,12 +247,24 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], 
             raise UsageError(f"--config {path}: unknown parameter {name!r}")
         if action.nargs == 0:
             raise UsageError(f"--config {path}: {name!r} is an on/off flag: list it under store_true")
+        if not _os_string(str(value)):
+            raise UsageError(f"--config {path}: {name!r} is {value!r}, which no command line can hold")
         argv.append(f"--{name}={value}")
     env = {str(k): str(v) for k, v in env.items()}
     for name, value in env.items():
-        if not name or "=" in name or "\0" in name + value:
+        if not name or "=" in name or not _os_string(name + value):
             raise UsageError(f"--config {path}: {name!r} cannot be an environment variable")
     return argv, env
+
+
+def _os_string(text: str) -> bool:
+    """Whether ``text`` can be a command-line argument, a path or in the environment: no NUL, and every character
+    encodable (YAML's ``"\\ud800"`` is a lone surrogate, which is not)."""
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return False
+    return "\0" not in text
 
 
 @dataclass
