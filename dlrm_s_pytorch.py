@@ -393,19 +393,37 @@ def _check_writable(flag: str, path: str, folder: bool = False) -> None:
         raise UsageError(f"{flag} {path}: cannot be written there")
 
 
+def _check_no_overwrite(args: argparse.Namespace) -> None:
+    """No output file may be an input (the data, the config, the checkpoint loaded) or another output: the
+    checkpoint would replace the processed data, the ONNX model the checkpoint. Resuming in place
+    (``--load-model F --save-model F``) is fine: the checkpoint is written to a temporary file and renamed."""
+    files = {
+        "--config": args.config, "--raw-data-file": args.raw_data_file,
+        "--processed-data-file": args.processed_data_file, "--hmp-bf16": args.hmp_bf16, "--hmp-fp32": args.hmp_fp32,
+        "--data-trace-file": args.data_trace_file if args.data_generation == "synthetic" else "",
+        "--load-model": args.load_model,
+        "--save-model": args.save_model, "--metrics-file": args.metrics_file, "--save-onnx": args.save_onnx,
+        "--enable-profiling": args.enable_profiling and f"{PROFILE_STEM}.json",
+        "--plot-compute-graph": args.plot_compute_graph and f"{GRAPH_STEM}.dot",
+    }  # fmt: skip
+    outputs = ["--save-model", "--metrics-file", "--save-onnx", "--enable-profiling", "--plot-compute-graph"]
+    seen = {}
+    for flag, path in files.items():
+        if not path:
+            continue
+        where = Path(path).resolve()
+        other = seen.setdefault(where, flag)
+        if other != flag and flag in outputs and (other, flag) != ("--load-model", "--save-model"):
+            raise UsageError(f"{flag} {path}: would overwrite the {other} file")
+
+
 def _check_run_flags(args: argparse.Namespace) -> None:
     _check_rank_flags(args, args.world_size, f"--world_size {args.world_size}")
     for flag in ("save_model", "metrics_file", "save_onnx"):
         path = getattr(args, flag)
         if path:
             _check_writable(f"--{flag.replace('_', '-')}", path)
-        if (
-            path
-            and flag != "save_model"
-            and args.load_model
-            and Path(path).resolve() == Path(args.load_model).resolve()
-        ):
-            raise UsageError(f"--{flag.replace('_', '-')} {path}: would overwrite the --load-model checkpoint")
+    _check_no_overwrite(args)
     if args.tensorboard:
         _check_writable("--tensorboard", args.tensorboard, folder=True)
     for flag, written in (

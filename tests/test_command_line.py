@@ -103,6 +103,12 @@ BAD_INPUTS = {
     "checkpoint onto a device": (["--save-model=/dev/null"], "--save-model /dev/null: not a regular file"),
     "tensorboard into a file": (["--tensorboard=/etc/hostname"], "--tensorboard /etc/hostname: not a folder"),
     "onnx over the checkpoint": (["--load-model=m.pt", "--save-onnx=m.pt"], "would overwrite the --load-model"),
+    "onnx over the checkpoint saved": (["--save-model=m.pt", "--save-onnx=./m.pt"], "would overwrite the --save-model"),
+    "metrics over the checkpoint": (["--save-model=m.pt", "--metrics-file=m.pt"], "would overwrite the --save-model"),
+    "checkpoint over the data": (
+        ["--data-generation=dataset", "--processed-data-file=d.npz", "--save-model=d.npz"],
+        "--save-model d.npz: would overwrite the --processed-data-file file",
+    ),
     "more batches than an index": (["--num-batches=99999999999999999999"], "--num-batches: must be below 2**62"),
     "learning rate beyond float32": (["--learning-rate=1e39"], "--learning-rate: must fit in float32, got 1e+39"),
     "loss weights without wbce": (["--loss-weights=5-9"], "--loss-weights: applies only with --loss-function wbce"),
