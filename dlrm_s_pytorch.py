@@ -1011,9 +1011,10 @@ class MetricsLog:
     """Each printed window and test as a JSON line (``--metrics-file``) and in TensorBoard (``--tensorboard``)."""
 
     def __init__(self, path: str, tensorboard_dir: str, enabled: bool) -> None:
-        self.path = path
-        # unbuffered, so that a failed write leaves nothing behind to be flushed later
-        self.file = open(path, "ab", buffering=0) if path and enabled else None  # noqa: SIM115 (for the whole run)
+        self.path, self.file = path, None
+        if path and enabled:  # in missing folders too, as --save-model; unbuffered: a failed write leaves nothing
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "ab", buffering=0)  # noqa: SIM115 (for the whole run)
         self.writer = None
         if tensorboard_dir and enabled:
             try:
@@ -1518,6 +1519,7 @@ def serving_inputs(batch: Batch) -> tuple[Tensor, ...]:
 def export_onnx(model: DLRM, batch: Batch, path: str) -> None:
     """Write the model to ``path`` and, when onnxruntime is installed, check its scores against PyTorch's."""
     serving, inputs = ServingDLRM(model).eval(), serving_inputs(batch)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # as --save-model
     names = ["dense"] + [f"{kind}_{t}" for t in range(len(serving.tables)) for kind in ("indices", "offsets")]
     dynamic = {name: {0: "batch" if name in ("dense", "scores") or name.startswith("offsets") else "lookups"}
                for name in [*names, "scores"]}  # fmt: skip

@@ -85,6 +85,13 @@ def test_onnx_export_matches_pytorch(flags: list[str], written: str, tmp_path: P
     assert difference and float(difference[1]) < 1e-5, result.stdout
 
 
+def test_outputs_in_missing_folders_make_them_as_the_checkpoint_does(tmp_path: Path) -> None:
+    outputs = {"--save-model": "a/m.pt", "--metrics-file": "b/c/metrics.jsonl", "--save-onnx": "d/m.onnx"}
+    result = run_script(*TINY, "--num-batches=2", *[f"{flag}={path}" for flag, path in outputs.items()], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert all((tmp_path / path).stat().st_size > 0 for path in outputs.values())
+
+
 def test_plot_compute_graph_writes_graphviz_source(tmp_path: Path) -> None:
     pytest.importorskip("torchviz")
     result = run_script(*TINY, "--num-batches=1", "--plot-compute-graph", cwd=tmp_path)
