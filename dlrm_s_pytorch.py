@@ -1075,7 +1075,8 @@ class MLPerfLog:
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be loaded: reported as one line with exit code 2."""
+    """A checkpoint that cannot be loaded, or a checkpoint or ONNX model that cannot be written: reported as one
+    line with exit code 2."""
 
 
 CHECKPOINT_FORMAT = "dlrm_s_pytorch checkpoint 1"
@@ -1519,15 +1520,19 @@ def serving_inputs(batch: Batch) -> tuple[Tensor, ...]:
 def export_onnx(model: DLRM, batch: Batch, path: str) -> None:
     """Write the model to ``path`` and, when onnxruntime is installed, check its scores against PyTorch's."""
     serving, inputs = ServingDLRM(model).eval(), serving_inputs(batch)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)  # as --save-model
     names = ["dense"] + [f"{kind}_{t}" for t in range(len(serving.tables)) for kind in ("indices", "offsets")]
     dynamic = {name: {0: "batch" if name in ("dense", "scores") or name.startswith("offsets") else "lookups"}
                for name in [*names, "scores"]}  # fmt: skip
-    with torch.no_grad(), warnings.catch_warnings():
-        # the TorchScript exporter: the newer one needs onnxscript, and this one handles the embedding bags
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(serving, inputs, path, input_names=names, output_names=["scores"], dynamic_axes=dynamic,
-                          dynamo=False)  # fmt: skip
+    try:  # as the checkpoint: in missing folders too, and a failed write leaves any previous file as it was
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with data_utils.atomic_write(Path(path).resolve()) as temporary, torch.no_grad(), warnings.catch_warnings():
+            # the TorchScript exporter: the newer one needs onnxscript, and this one handles the embedding bags
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(serving, inputs, str(temporary), input_names=names, output_names=["scores"],
+                              dynamic_axes=dynamic, dynamo=False)  # fmt: skip
+    except OSError as e:
+        raise CheckpointError(f"--save-onnx {path}: cannot write it ({e.strerror})") from None
+    with torch.no_grad():
         expected = serving(*inputs).numpy()
     print(f"ONNX model written to {path} ({Path(path).stat().st_size / 1e6:.1f} MB)")
     try:
@@ -1739,7 +1744,10 @@ def main(argv: list[str]) -> int:
         for name, weight in trainer.model.named_weights():
             print(f"updated {name}:\n{weight.detach()}")
     if ranks.world_size == 1:
-        export(args, trainer)
+        try:
+            export(args, trainer)
+        except CheckpointError as e:
+            return fail(2, str(e))
     if not dist.is_initialized():
         return code
     dist.barrier()

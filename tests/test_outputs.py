@@ -92,6 +92,25 @@ def test_outputs_in_missing_folders_make_them_as_the_checkpoint_does(tmp_path: P
     assert all((tmp_path / path).stat().st_size > 0 for path in outputs.values())
 
 
+def test_a_failed_onnx_write_is_one_line_and_keeps_the_previous_model(tmp_path: Path) -> None:
+    argv = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *TINY, "--num-batches=1", "--save-onnx=m.onnx"]
+    assert subprocess.run(argv, cwd=tmp_path, capture_output=True, timeout=300).returncode == 0
+    previous = (tmp_path / "m.onnx").read_bytes()
+    assert len(previous) > 1000
+    full_disk = subprocess.run(
+        [*argv, "--numpy-rand-seed=7"],
+        cwd=tmp_path,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert full_disk.returncode == 2
+    assert full_disk.stderr == "dlrm_s_pytorch.py: error: --save-onnx m.onnx: cannot write it (File too large)\n"
+    assert (tmp_path / "m.onnx").read_bytes() == previous
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.onnx"]
+
+
 def test_plot_compute_graph_writes_graphviz_source(tmp_path: Path) -> None:
     pytest.importorskip("torchviz")
     result = run_script(*TINY, "--num-batches=1", "--plot-compute-graph", cwd=tmp_path)
