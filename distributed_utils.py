@@ -44,12 +44,24 @@ def launched_ranks() -> Ranks | None:
         ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
     ):
         if rank in env and size in env:
-            world_size = int(env[size])
-            ranks = Ranks(int(env[rank]), world_size, int(env.get(local, 0)), int(env.get(local_size, world_size)))
+            world_size = _whole_number(size)
+            local_rank, local_world_size = _whole_number(local, 0), _whole_number(local_size, world_size)
+            ranks = Ranks(_whole_number(rank), world_size, local_rank, local_world_size)
             if not 0 <= ranks.rank < ranks.world_size:
                 raise ValueError(f"{rank}={ranks.rank} does not fit {size}={ranks.world_size}")
             return ranks
     return None
+
+
+def _whole_number(name: str, default: int | None = None) -> int:
+    """The environment variable ``name`` as an int (``default`` when unset), or a ValueError that names it."""
+    text = os.environ.get(name)
+    if text is None and default is not None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: not a whole number") from None
 
 
 def free_port() -> int:

@@ -232,6 +232,7 @@ def test_a_failed_self_started_rank_stops_the_others_at_once() -> None:
         (dict(RANK="0", WORLD_SIZE="3"), ["--mini-batch-size=16"], "is not divisible by 3 ranks"),
         (dict(RANK="0", WORLD_SIZE="4"), ["-w", "2"], "--world_size 2: the launcher started 4 ranks"),
         (dict(RANK="5", WORLD_SIZE="2"), [], "RANK=5 does not fit WORLD_SIZE=2"),
+        (dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="zero"), [], "LOCAL_RANK='zero': not a whole number"),
         ({}, ["-w", "2", "--device=cuda"], "--device cuda" if not torch.cuda.is_available() else "GPU per rank"),
     ],
 )
