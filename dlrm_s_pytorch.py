@@ -419,6 +419,10 @@ def _check_no_overwrite(args: argparse.Namespace) -> None:
 
 def _check_run_flags(args: argparse.Namespace) -> None:
     _check_rank_flags(args, args.world_size, f"--world_size {args.world_size}")
+    for flag in ("load_model", "processed_data_file"):  # reading a pipe waits for a writer, /dev/zero never ends
+        path = getattr(args, flag)
+        if path and Path(path).exists() and not Path(path).is_file():
+            raise UsageError(f"--{flag.replace('_', '-')} {path}: not a regular file")
     for flag in ("save_model", "metrics_file", "save_onnx"):
         path = getattr(args, flag)
         if path:

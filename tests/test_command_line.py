@@ -1,6 +1,7 @@
 """The command line as users meet it: configs, flags, bad input, and the lines the loop prints."""
 
 import json
+import os
 import re
 
 import pytest
@@ -168,6 +169,18 @@ def test_bad_config_names_what_is_wrong(tmp_path, capsys, config: str, message: 
     assert dlrm_s_pytorch.main(["--config", write(tmp_path, "bad.yaml", config)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--load-model"], ["--data-generation=dataset", "--processed-data-file"], ["--data-generation=synthetic",
+     "--data-trace-file"]],
+)  # fmt: skip
+def test_an_input_file_that_is_a_pipe_is_refused_not_waited_on(tmp_path, flags: list[str]) -> None:
+    os.mkfifo(tmp_path / "pipe")  # reading it waits for a writer, forever
+    result = run_script(*TINY, *flags, str(tmp_path / "pipe"), timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{tmp_path / 'pipe'}: not a regular file" in result.stderr
 
 
 def test_bad_input_from_a_real_process_has_no_traceback() -> None:
