@@ -247,9 +247,14 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], 
             raise UsageError(f"--config {path}: unknown parameter {name!r}")
         if action.nargs == 0:
             raise UsageError(f"--config {path}: {name!r} is an on/off flag: list it under store_true")
+        if value is None:  # "save-onnx:" would be --save-onnx=None, a file named None
+            raise UsageError(f"--config {path}: {name!r} has no value (give one, or leave the parameter out)")
         if not _os_string(str(value)):
             raise UsageError(f"--config {path}: {name!r} is {value!r}, which no command line can hold")
         argv.append(f"--{name}={value}")
+    for name, value in env.items():
+        if value is None:  # it would be set to "None"
+            raise UsageError(f"--config {path}: environment variable {name!r} has no value (give one, or leave it out)")
     env = {str(k): str(v) for k, v in env.items()}
     for name, value in env.items():
         if not name or "=" in name or not _os_string(name + value):

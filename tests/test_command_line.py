@@ -160,6 +160,7 @@ def test_bad_input_is_one_line_and_exit_2(name: str, capsys) -> None:
         ('model: dlrm\nenv_variables: {A: "\\ud800"}\n', "'A' cannot be an environment variable"),
         ('model: dlrm\nparameters: {save-model: "a\\0b"}\n', "'save-model' is 'a\\x00b', which no command line"),
         ('model: dlrm\nparameters: {metrics-file: "\\ud800"}\n', "'metrics-file' is '\\ud800', which no command"),
+        ("model: dlrm\nparameters: {metrics-file: }\n", "'metrics-file' has no value"),
         ("model: dlrm\n1: a\n", "unknown key '1'"),
         ("model: dlrm\nparameters: &a {mini-batch-size: 8}\nenv_variables: *a\n", "YAML aliases (*name)"),
         ("model: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
@@ -181,6 +182,13 @@ def test_an_input_file_that_is_a_pipe_is_refused_not_waited_on(tmp_path, flags: 
     result = run_script(*TINY, *flags, str(tmp_path / "pipe"), timeout=60)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert f"{tmp_path / 'pipe'}: not a regular file" in result.stderr
+
+
+def test_an_environment_variable_without_a_value_is_refused(tmp_path) -> None:
+    config = write(tmp_path, "env.yaml", "model: dlrm\nenv_variables: {TEMP_DIR: }\n")
+    result = run_script("--config", config, *TINY, "--num-batches=1")  # a process: the variables restart the script
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "environment variable 'TEMP_DIR' has no value" in result.stderr
 
 
 def test_bad_input_from_a_real_process_has_no_traceback() -> None:
