@@ -408,10 +408,12 @@ def _check_no_overwrite(args: argparse.Namespace) -> None:
         "--data-trace-file": args.data_trace_file if args.data_generation == "synthetic" else "",
         "--load-model": args.load_model,
         "--save-model": args.save_model, "--metrics-file": args.metrics_file, "--save-onnx": args.save_onnx,
+        "--tensorboard": args.tensorboard,
         "--enable-profiling": args.enable_profiling and f"{PROFILE_STEM}.json",
         "--plot-compute-graph": args.plot_compute_graph and f"{GRAPH_STEM}.dot",
     }  # fmt: skip
-    outputs = ["--save-model", "--metrics-file", "--save-onnx", "--enable-profiling", "--plot-compute-graph"]
+    outputs = ["--save-model", "--metrics-file", "--save-onnx", "--tensorboard", "--enable-profiling",
+               "--plot-compute-graph"]  # fmt: skip
     seen = {}
     for flag, path in files.items():
         if not path:

@@ -106,6 +106,7 @@ BAD_INPUTS = {
     "onnx over the checkpoint": (["--load-model=m.pt", "--save-onnx=m.pt"], "would overwrite the --load-model"),
     "onnx over the checkpoint saved": (["--save-model=m.pt", "--save-onnx=./m.pt"], "would overwrite the --save-model"),
     "metrics over the checkpoint": (["--save-model=m.pt", "--metrics-file=m.pt"], "would overwrite the --save-model"),
+    "tensorboard where the metrics go": (["--metrics-file=m", "--tensorboard=m"], "--tensorboard m: would overwrite"),
     "checkpoint over the data": (
         ["--data-generation=dataset", "--processed-data-file=d.npz", "--save-model=d.npz"],
         "--save-model d.npz: would overwrite the --processed-data-file file",
