@@ -1179,6 +1179,14 @@ class Position:
     batch: int = 0
     iteration: int = 0
 
+    @classmethod
+    def saved(cls, fields: dict) -> Position:
+        """The position a checkpoint holds; a ValueError unless it is whole numbers, zero or more."""
+        position = cls(**fields)
+        if not all(type(value) is int and value >= 0 for value in vars(position).values()):
+            raise ValueError(f"position {fields} is not whole numbers, zero or more")
+        return position
+
 
 TEST_BATCHES_BETWEEN_STOP_CHECKS = 16  # with several ranks, each check waits for all of them
 
@@ -1202,7 +1210,7 @@ class Trainer:
         self.saved_at = None
         if checkpoint:  # before dense_step: lazy bf16 copies the weights it finds
             with fields_of(self.loaded_from):
-                self.saved_at = Position(**checkpoint["position"])
+                self.saved_at = Position.saved(checkpoint["position"])
                 for name, weight in model.named_weights():
                     load_tensor(self.loaded_from, "tensor", name, checkpoint["weights"], weight)
         if self.training:
@@ -1261,10 +1269,12 @@ class Trainer:
                 load_tensor(path, "Adagrad state of", str(shard), state["sparse_state"], table.moments)
         for name, accumulator in self.dense_accumulators():
             load_tensor(path, "Adagrad state of", name, state["dense_state"], accumulator)
-        self.position, self.best = Position(**state["position"]), dict(state["best"])
+        self.position, self.best = Position.saved(state["position"]), dict(state["best"])
         if self.position.batch > self.train_loader.sampler.stop:
             raise CheckpointError(f"--load-model {path}: saved after batch {self.position.batch} of an epoch, this "
                                   f"run's epochs have {self.train_loader.sampler.stop} (--num-batches)")  # fmt: skip
+        if state["window"].dim() != 2 or state["window"].size(1) != 3:
+            raise ValueError(f"window has shape {list(state['window'].shape)}, expected [iterations, 3]")
         self.window.stats = [row.to(self.backend.device) for row in state["window"]]
         set_numpy_rng_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])

@@ -279,12 +279,20 @@ def write_bad_files(tmp_path: Path, good: Path) -> dict[str, tuple[Path, list[st
     state = saved(good)
     del state["rng"]
     torch.save(state, edited := tmp_path / "edited.pt")
+    state = saved(good)
+    state["position"]["epoch"] = "0"
+    torch.save(state, text_position := tmp_path / "text_position.pt")
+    state = saved(good)
+    state["window"] = torch.zeros(2, 5)
+    torch.save(state, wide_window := tmp_path / "wide_window.pt")
     return {
         "truncated": (truncated, [], "truncated or corrupt"),
         "corrupt": (corrupt, [], "truncated or corrupt"),
         "not ours": (other, [], "not a checkpoint written by this script's --save-model"),
         "missing": (tmp_path / "absent.pt", [], "no such file"),
         "a field missing": (edited, [], "a field is missing or malformed (KeyError: 'rng')"),
+        "a position in text": (text_position, [], "position {'epoch': '0', 'batch': 2, 'iteration': 2} is not whole"),
+        "a window of 5 columns": (wide_window, [], "window has shape [2, 5], expected [iterations, 3]"),
         "fewer batches": (good, ["--num-batches=1"], "saved after batch 2 of an epoch, this run's epochs have 1"),
         "other rows": (good, ["--arch-embedding-size=40-7-201-25"], "'table 2 rows 0-199' has shape [200, 4], "
                                                                       "this model's is [201, 4]"),
