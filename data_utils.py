@@ -171,7 +171,7 @@ class CriteoFiles:
         if self.data_set == "terabyte":
             return _terabyte_days(raw)
         if not raw.is_file():
-            raise DataError(f"--raw-data-file {raw}: no such file")
+            raise DataError(f"--raw-data-file {raw}: {'not a regular file' if raw.exists() else 'no such file'}")
         return [raw]
 
 

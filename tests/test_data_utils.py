@@ -638,6 +638,9 @@ def test_parser_agrees_with_the_line_by_line_rules() -> None:
 def test_missing_inputs_name_the_flag_and_the_path(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=f"--raw-data-file {tmp_path}/train.txt: no such file"):
         data_utils.prepare(make_args(tmp_path / "train.txt"))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DataError, match=f"--raw-data-file {tmp_path}/folder: not a regular file"):
+        data_utils.prepare(make_args(tmp_path / "folder"))
     with pytest.raises(DataError, match=f"--raw-data-file {tmp_path}/day: no Terabyte day files"):
         data_utils.prepare(make_args(tmp_path / "day", data_set="terabyte"))
     with pytest.raises(DataError, match=f"--processed-data-file {tmp_path}/p.npz: no such file"):
