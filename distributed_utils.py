@@ -126,6 +126,11 @@ def init_process_group(ranks: Ranks, backend: str) -> None:
     """Join the process group (gloo, nccl or hccl) through MASTER_ADDR and MASTER_PORT."""
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         _mpi_rendezvous()
+    address = os.environ["MASTER_ADDR"]
+    try:  # a name that does not resolve would be retried until the timeout, twice, with pages of warnings
+        socket.getaddrinfo(address, None)
+    except socket.gaierror as e:
+        raise ValueError(f"MASTER_ADDR={address!r}: {e.strerror}") from None
     if backend == "hccl":
         importlib.import_module("habana_frameworks.torch.distributed.hccl")  # registers the backend
     dist.init_process_group(backend, rank=ranks.rank, world_size=ranks.world_size, timeout=timedelta(seconds=TIMEOUT_S))

@@ -233,11 +233,16 @@ def test_a_failed_self_started_rank_stops_the_others_at_once() -> None:
         (dict(RANK="0", WORLD_SIZE="4"), ["-w", "2"], "--world_size 2: the launcher started 4 ranks"),
         (dict(RANK="5", WORLD_SIZE="2"), [], "RANK=5 does not fit WORLD_SIZE=2"),
         (dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="zero"), [], "LOCAL_RANK='zero': not a whole number"),
+        (
+            dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="no-such-host.invalid", MASTER_PORT="29500"),
+            [],
+            "MASTER_ADDR='no-such-host.invalid': ",
+        ),
         ({}, ["-w", "2", "--device=cuda"], "--device cuda" if not torch.cuda.is_available() else "GPU per rank"),
     ],
 )
 def test_bad_distributed_input_is_one_line_and_exit_2(monkeypatch, capsys, env, argv, message) -> None:
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
