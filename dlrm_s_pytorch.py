@@ -1207,7 +1207,8 @@ class Trainer:
         self.train_loader, self.test_loader = loaders
         self.training = not args.inference_only
         self.loaded_from = checkpoint_file(args.load_model, ranks.rank) if checkpoint else None
-        self.saved_at = None
+        self.saved_at = None  # the position of the checkpoint loaded
+        self.last_saved = None  # the position this run last saved to --save-model
         if checkpoint:  # before dense_step: lazy bf16 copies the weights it finds
             with fields_of(self.loaded_from):
                 self.saved_at = Position.saved(checkpoint["position"])
@@ -1292,6 +1293,7 @@ class Trainer:
     def save(self) -> None:
         path = checkpoint_file(self.args.save_model, self.ranks.rank)
         write_checkpoint(path, self.state())
+        self.last_saved = self.position
         print(f"Saved {path} at it {self.position.batch} of epoch {self.position.epoch}")
 
     # -- the loop ------------------------------------------------------------------------------------------
@@ -1323,7 +1325,7 @@ class Trainer:
             if stop:
                 break
         self.mlperf.log("end", "RUN_STOP", status="aborted" if self.stop_signal else "success")
-        if self.args.save_model:
+        if self.args.save_model and self.position != self.last_saved:  # --save-freq may have saved it already
             self.save()
 
     def request_stop(self, signum: int, frame: object) -> None:

@@ -83,6 +83,14 @@ def test_save_freq_saves_every_n_iterations_and_at_the_end(tmp_path: Path) -> No
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left behind
 
 
+def test_save_freq_at_the_last_iteration_saves_it_once(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    result = run_script(*TINY, *CASES["dot-sgd"], "--num-batches=8", "--save-freq=4", "--save-model", str(path))
+    assert result.returncode == 0, result.stderr
+    assert re.findall(r"^Saved .* at it (\d+) of epoch 0$", result.stdout, re.M) == ["4", "8"]
+    assert saved(path)["position"] == dict(epoch=0, batch=8, iteration=8)
+
+
 def start(argv: list[str], cwd: Path) -> subprocess.Popen:
     """The run in a process group of its own (its id is the run's), as a job under a batch scheduler."""
     command = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *argv]
