@@ -5,7 +5,8 @@
 METRICS is the JSON Lines file the training script appends to at every print window and every test, one object
 a line: ``phase`` ("train" or "test"), ``epoch``, ``iteration``, ``step`` (iterations since the start of
 training), ``loss``, ``accuracy`` (0..1), ``auc`` (test lines; null when not computed), ``ms_per_it`` and
-``samples_per_s``. The picture goes to FILE.png (default: METRICS with the suffix .png), and its path is printed.
+``samples_per_s``. Where a resumed run wrote a step again, its later line is the one drawn. The picture goes to
+FILE.png (default: METRICS with the suffix .png), and its path is printed.
 Needs matplotlib (requirements-extras.txt); a problem is one line on stderr and exit status 2.
 """
 
@@ -66,6 +67,13 @@ def _record(path: Path, number: int, line: str) -> dict:
     return record
 
 
+def latest_per_step(records: list[dict]) -> list[dict]:
+    """A resumed run appends the steps after its checkpoint again: of a phase's records for one step, the last
+    written wins. Ordered by step."""
+    latest = {(record["phase"], record["step"]): record for record in records}
+    return sorted(latest.values(), key=lambda record: record["step"])
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         out = args.out or args.metrics.with_suffix(".png")
-        plot(read_metrics(args.metrics), out)
+        plot(latest_per_step(read_metrics(args.metrics)), out)
     except MetricsError as error:
         print(f"plot_metrics.py: error: {error}", file=sys.stderr)
         return 2

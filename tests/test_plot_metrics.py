@@ -46,6 +46,16 @@ def test_writes_a_png_next_to_the_metrics(tmp_path):
     assert (tmp_path / "run.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
+def test_a_resumed_runs_later_lines_replace_the_steps_it_trained_again() -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    from plot_metrics import latest_per_step
+
+    killed = [json.loads(metrics_line("train", step, 0.9, 0.5)) for step in (2, 4, 6)]
+    resumed = [json.loads(metrics_line("train", step, 0.1, 0.5)) for step in (4, 6, 8)]
+    test = json.loads(metrics_line("test", 4, 0.2, 0.6, auc=0.7))
+    assert latest_per_step([*killed, test, *resumed]) == [killed[0], resumed[0], test, *resumed[1:]]
+
+
 def test_out_names_the_png(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "picture"  # still a PNG, whatever the suffix
