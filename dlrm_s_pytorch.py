@@ -316,14 +316,16 @@ UNAVAILABLE = [
 PROFILE_STEM = "dlrm_s_pytorch"  # --enable-profiling writes <stem>.json and <stem>.prof in the working folder
 GRAPH_STEM = "dlrm_s_pytorch_graph"  # --plot-compute-graph writes <stem>.dot (and <stem>.pdf)
 PROCESSES_PER_CORE = 4  # loader processes, or self-started ranks: more only compete for the cores, and cost memory
-# Flags that only mean something with one kind of data
+# Flags that only mean something with some kinds of data: the --data-generation values they apply to
 DATA_FLAGS = {
-    "dataset": (
+    ("dataset",): (
         "data_set", "raw_data_file", "processed_data_file", "data_randomize", "max_ind_range", "data_sub_sample_rate",
         "skip_bad_lines", "memory_map", "mlperf_bin_loader", "mlperf_bin_shuffle", "test_freq", "test_mini_batch_size",
         "test_num_workers", "mlperf_acc_threshold", "mlperf_auc_threshold"),
-    "synthetic": ("data_trace_file", "data_trace_enable_padding"),
+    ("synthetic",): ("data_trace_file", "data_trace_enable_padding"),
+    ("random", "synthetic"): ("data_size", "num_indices_per_lookup_fixed", "round_targets"),
 }  # fmt: skip
+TEST_FLAGS = ("test_mini_batch_size", "test_num_workers", "mlperf_acc_threshold", "mlperf_auc_threshold")
 
 # The original's op lists for bf16: matrix products in bf16, losses and embeddings in fp32.
 BF16_OPS = {"addmm", "bmm", "dot", "mm", "mv", "linear"}
@@ -353,12 +355,16 @@ def _check_memory(args: argparse.Namespace, sizes: Sizes) -> None:
 
 
 def _check_data_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    for generation, dests in DATA_FLAGS.items():
+    for generations, dests in DATA_FLAGS.items():
         for dest in dests:
-            if args.data_generation != generation and getattr(args, dest) != parser.get_default(dest):
-                raise UsageError(f"--{dest.replace('_', '-')}: applies only with --data-generation {generation}")
+            if args.data_generation not in generations and getattr(args, dest) != parser.get_default(dest):
+                kinds = " or ".join(generations)
+                raise UsageError(f"--{dest.replace('_', '-')}: applies only with --data-generation {kinds}")
     if args.data_generation != "dataset":
         return
+    for dest in TEST_FLAGS:
+        if args.test_freq <= 0 and not args.inference_only and getattr(args, dest) != parser.get_default(dest):
+            raise UsageError(f"--{dest.replace('_', '-')}: applies only with --test-freq (or --inference-only)")
     if not args.raw_data_file and not args.processed_data_file:
         raise UsageError("--data-generation dataset: needs --raw-data-file or --processed-data-file")
     if not 0.0 <= args.data_sub_sample_rate < 1.0:

@@ -116,8 +116,16 @@ BAD_INPUTS = {
     "loss weights without wbce": (["--loss-weights=5-9"], "--loss-weights: applies only with --loss-function wbce"),
     "infinite loss weight": (["--loss-function=wbce", "--loss-weights=inf-1"], "--loss-weights: must be finite"),
     "test batch size below -1": (
-        ["--data-generation=dataset", "--raw-data-file=x", "--test-mini-batch-size=-3"],
+        ["--data-generation=dataset", "--raw-data-file=x", "--test-freq=5", "--test-mini-batch-size=-3"],
         "--test-mini-batch-size: must be -1 (the default) or more, got -3",
+    ),
+    "random-data flag on Criteo": (
+        ["--data-generation=dataset", "--raw-data-file=x", "--round-targets"],
+        "--round-targets: applies only with --data-generation random or synthetic",
+    ),
+    "test flag with no test": (
+        ["--data-generation=dataset", "--raw-data-file=x", "--test-num-workers=2"],
+        "--test-num-workers: applies only with --test-freq (or --inference-only)",
     ),
     "config that never ends": (["--config=/dev/zero"], "--config /dev/zero: not a regular file"),
     "ranks by the thousand": (["-w", "4000", "--mini-batch-size=4000"], "--world_size 4000: more than 4 ranks"),
