@@ -25,6 +25,7 @@ from torch import Tensor
 
 TIMEOUT_S = 45  # a rank that died or hangs stops the others within this, with an error
 SPAWN_POLL_S = 0.2
+STOP_GRACE_S = TIMEOUT_S + 15  # a self-started rank asked to stop is killed after this: it may hang, or be stopped
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,13 @@ def spawn_ranks(command: list[str], world_size: int) -> int:
         for p in processes:
             if p.poll() is None:
                 p.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
         for p in processes:
-            p.wait()
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 def _mpi_rendezvous() -> None:

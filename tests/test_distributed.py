@@ -226,6 +226,15 @@ def test_a_failed_self_started_rank_stops_the_others_at_once() -> None:
     assert time.monotonic() - start < 20
 
 
+def test_a_hung_self_started_rank_is_killed_after_the_grace(monkeypatch) -> None:
+    monkeypatch.setattr(distributed_utils, "STOP_GRACE_S", 2)
+    code = "import os, signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"  # rank 0 hangs, deaf
+    code += "if os.environ['RANK'] == '1':\n    time.sleep(1)\n    sys.exit(3)\ntime.sleep(60)"
+    start = time.monotonic()
+    assert distributed_utils.spawn_ranks([sys.executable, "-c", code], world_size=2) == 3
+    assert time.monotonic() - start < 20
+
+
 @pytest.mark.parametrize(
     "env, argv, message",
     [
