@@ -436,6 +436,8 @@ def _check_run_flags(args: argparse.Namespace) -> None:
         path = getattr(args, flag)
         if path and Path(path).exists() and not Path(path).is_file():
             raise UsageError(f"--{flag.replace('_', '-')} {path}: not a regular file")
+    if args.load_model and not Path(args.load_model).exists():  # found out before the data is prepared
+        raise UsageError(f"--load-model {args.load_model}: no such file")
     for flag in ("save_model", "metrics_file", "save_onnx"):
         path = getattr(args, flag)
         if path:
@@ -1124,7 +1126,7 @@ def write_checkpoint(path: Path, state: dict) -> None:
 
 def read_checkpoint(path: Path) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # read as it is copied
     except FileNotFoundError:
         raise CheckpointError(f"--load-model {path}: no such file") from None
     except Exception as e:  # a truncated or corrupt file fails anywhere in unpickling or unzipping
@@ -1643,7 +1645,8 @@ def join_ranks(args: argparse.Namespace, backend: Backend, ranks: Ranks | None) 
 
 def build(args: argparse.Namespace, sizes: Sizes, backend: Backend, ranks: Ranks) -> Trainer:
     """This rank's data, model (its tables, by the printed plan, when distributed) and loop, resumed from
-    ``--load-model`` when given."""
+    ``--load-model`` when given (read first: a bad checkpoint stops the run before the data is prepared)."""
+    checkpoint = read_checkpoint(checkpoint_file(args.load_model, ranks.rank)) if args.load_model else None
     train_data, test_data, sizes = make_datasets(args, sizes)
     shards, exchange = None, None
     if dist.is_initialized():
@@ -1661,7 +1664,6 @@ def build(args: argparse.Namespace, sizes: Sizes, backend: Backend, ranks: Ranks
         if whole_batches(test_loader) == 0:
             batch_size = test_loader.collate_fn.batch_size
             raise UsageError(f"--test-mini-batch-size: the test split holds no whole batch of {batch_size} samples")
-    checkpoint = read_checkpoint(checkpoint_file(args.load_model, ranks.rank)) if args.load_model else None
     return Trainer(args, model, backend, (train_loader, test_loader), ranks, checkpoint)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, finished_lines, live_processes_in_group, run_script
-from criteo_files import write_upstream_processed
+from criteo_files import write_kaggle, write_upstream_processed
 
 import dlrm_s_pytorch
 import habana_dlrm_ops
@@ -326,6 +326,16 @@ def test_bad_checkpoints_stop_with_one_line_naming_what_does_not_fit(tmp_path: P
             assert dlrm_s_pytorch.main([*argv, *flags, "--load-model", str(path)]) == 2, name
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"--load-model {path}" in err and message in err, (name, err)
+
+
+@pytest.mark.parametrize("checkpoint", ["typo.pt", "truncated.pt"])
+def test_a_bad_checkpoint_stops_the_run_before_the_data_is_prepared(tmp_path: Path, capsys, checkpoint: str) -> None:
+    raw = write_kaggle(tmp_path, rows=700)
+    (tmp_path / "truncated.pt").write_bytes(b"PK\x03\x04")
+    argv = ["--data-generation=dataset", f"--raw-data-file={raw}", "--arch-mlp-bot=13-8-2", "--arch-mlp-top=4-1"]
+    assert dlrm_s_pytorch.main([*argv, "--load-model", str(tmp_path / checkpoint)]) == 2
+    assert f"--load-model {tmp_path / checkpoint}: " in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.txt", "truncated.pt"]  # nothing preprocessed
 
 
 @pytest.mark.parametrize("inference_only", [False, True])
