@@ -215,6 +215,12 @@ def test_small_config_runs_and_flags_override_it() -> None:
     assert all(30 < line["accuracy"] < 70 for line in lines)  # rounded targets, an untrained model
 
 
+def test_a_config_may_switch_on_the_onnx_export_as_the_original_did(tmp_path) -> None:
+    config = write(tmp_path, "onnx.yaml", "model: dlrm\nparameters:\n  store_true: [save-onnx]\n")
+    args, _, _ = dlrm_s_pytorch.parse_command_line(["--config", config])
+    assert args.save_onnx == "dlrm_s_pytorch.onnx"
+
+
 def test_config_environment_reaches_torch_once(tmp_path) -> None:
     config = write(tmp_path, "env.yaml", "model: dlrm\nenv_variables: {OMP_NUM_THREADS: 1}\nparameters: {}\n")
     result = run_script("--config", config, *TINY, "--debug-mode", "--num-batches=1")
