@@ -323,7 +323,7 @@ DATA_FLAGS = {
         "skip_bad_lines", "memory_map", "mlperf_bin_loader", "mlperf_bin_shuffle", "test_freq", "test_mini_batch_size",
         "test_num_workers", "mlperf_acc_threshold", "mlperf_auc_threshold"),
     ("synthetic",): ("data_trace_file", "data_trace_enable_padding"),
-    ("random", "synthetic"): ("data_size", "num_indices_per_lookup_fixed", "round_targets"),
+    ("random", "synthetic"): ("data_size", "num_indices_per_lookup_fixed"),  # Criteo's targets are 0/1: rounded
 }  # fmt: skip
 TEST_FLAGS = ("test_mini_batch_size", "test_num_workers", "mlperf_acc_threshold", "mlperf_auc_threshold")
 
@@ -436,13 +436,13 @@ def _check_run_flags(args: argparse.Namespace) -> None:
         path = getattr(args, flag)
         if path and Path(path).exists() and not Path(path).is_file():
             raise UsageError(f"--{flag.replace('_', '-')} {path}: not a regular file")
-    if args.load_model and not Path(args.load_model).exists():  # found out before the data is prepared
-        raise UsageError(f"--load-model {args.load_model}: no such file")
     for flag in ("save_model", "metrics_file", "save_onnx"):
         path = getattr(args, flag)
         if path:
             _check_writable(f"--{flag.replace('_', '-')}", path)
     _check_no_overwrite(args)
+    if args.load_model and not Path(args.load_model).exists():  # found out before the data is prepared
+        raise UsageError(f"--load-model {args.load_model}: no such file")
     if args.tensorboard:
         _check_writable("--tensorboard", args.tensorboard, folder=True)
     for flag, written in (

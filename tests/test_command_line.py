@@ -120,8 +120,8 @@ BAD_INPUTS = {
         "--test-mini-batch-size: must be -1 (the default) or more, got -3",
     ),
     "random-data flag on Criteo": (
-        ["--data-generation=dataset", "--raw-data-file=x", "--round-targets"],
-        "--round-targets: applies only with --data-generation random or synthetic",
+        ["--data-generation=dataset", "--raw-data-file=x", "--num-indices-per-lookup-fixed"],
+        "--num-indices-per-lookup-fixed: applies only with --data-generation random or synthetic",
     ),
     "test flag with no test": (
         ["--data-generation=dataset", "--raw-data-file=x", "--test-num-workers=2"],
