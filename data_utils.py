@@ -74,6 +74,9 @@ class DataError(Exception):
     """Bad input data or files; the message is one line naming the file (and line) and what is wrong."""
 
 
+REMAKE = "delete it to make it again from the raw data"  # the advice for a processed file that cannot be used
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Where the files are
 # ---------------------------------------------------------------------------------------------------------
@@ -279,7 +282,7 @@ def _check_trainable(processed: Processed, files: CriteoFiles) -> None:
     empty = [f"C{j + 1}" for j, count in enumerate(processed.counts) if count <= 0]
     if empty:
         counted_in = files.processed if processed.concatenated else files.counts_file
-        raise DataError(f"{counted_in}: no values counted for {', '.join(empty)}; delete it to make it again")
+        raise DataError(f"{counted_in}: no values counted for {', '.join(empty)}; {REMAKE}")
 
 
 @contextlib.contextmanager
@@ -393,7 +396,7 @@ def _check_bin(path: Path, rows: int) -> None:
     """A bin file cut short (a copy that stopped) must not pass for whole: it would train on fewer rows."""
     size, expected = path.stat().st_size, rows * 4 * FIELDS
     if size != expected:
-        raise DataError(f"{path}: {size} bytes, expected {expected} ({rows} rows); delete it to make it again")
+        raise DataError(f"{path}: {size} bytes, expected {expected} ({rows} rows); {REMAKE}")
 
 
 def _write_bin(path: Path, rows: DayRows, order: np.ndarray | range) -> None:
@@ -1418,7 +1421,7 @@ def _reading(path: Path) -> Iterator[None]:
 
 
 def _damaged(path: Path, why: str) -> DataError:
-    return DataError(f"{path}: damaged ({why}); delete it to make it again")
+    return DataError(f"{path}: damaged ({why}); {REMAKE}")
 
 
 def _stored_blocks(path: Path, name: str, block: int) -> Iterator[np.ndarray]:
@@ -1494,14 +1497,14 @@ def _load_concatenated(path: Path) -> ArrayRows:
 def _check_labels(labels: np.ndarray, path: Path) -> None:
     wrong = labels[(labels != 0) & (labels != 1)]
     if wrong.size:
-        raise DataError(f"{path}: label {wrong[0]} is not 0 or 1; delete it to make it again")
+        raise DataError(f"{path}: label {wrong[0]} is not 0 or 1; {REMAKE}")
 
 
 def _check_ids(ids: np.ndarray, path: Path) -> None:
     """Ids stored wider than int32 (the original's float64) must fit it: they would wrap around silently."""
     if ids.size and not 0 <= ids.min() <= ids.max() <= _INT32.max:
         wrong = ids.min() if ids.min() < 0 else ids.max()
-        raise DataError(f"{path}: X_cat holds id {wrong:.0f}, outside [0, 2**31); delete it to make it again")
+        raise DataError(f"{path}: X_cat holds id {wrong:.0f}, outside [0, 2**31); {REMAKE}")
 
 
 class ArrayRows:

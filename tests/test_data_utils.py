@@ -694,7 +694,7 @@ def test_a_broken_processed_file_names_the_file_and_the_array(tmp_path: Path) ->
     with pytest.raises(DataError, match=rf"{path}: array X_cat has shape \(70, 25\), expected \(70, 26\)"):
         data_utils.prepare(make_args(processed_data_file=path))
     path.write_text("not a zip file")
-    unreadable = rf"^{path}: damaged \(not a readable npz file: .*\); delete it to make it again$"
+    unreadable = rf"^{path}: damaged \(not a readable npz file: .*\); {data_utils.REMAKE}$"
     with pytest.raises(DataError, match=unreadable):
         data_utils.prepare(make_args(processed_data_file=path))
 
@@ -811,7 +811,7 @@ def test_a_damaged_lookup_stops_the_second_pass_with_one_line(tmp_path: Path) ->
     (tmp_path / "train_fea_lookup_3.npz").write_bytes(b"damaged")
 
     lookup = tmp_path / "train_fea_lookup_3.npz"
-    with pytest.raises(DataError, match=rf"could not start: {lookup}: damaged .*; delete it to make it again$"):
+    with pytest.raises(DataError, match=rf"could not start: {lookup}: damaged .*; {data_utils.REMAKE}$"):
         data_utils.prepare(make_args(raw))
 
 
@@ -889,7 +889,7 @@ def test_memory_map_refuses_an_array_cut_short(tmp_path: Path) -> None:
                 np.lib.format.write_array_header_1_0(out, np.lib.format.header_data_from_array_1_0(values))
                 out.write(values.tobytes()[: -4 if name == "X_int" else None])
 
-    with pytest.raises(DataError, match=rf"^{path}: damaged \(array X_int is cut short\); delete it to make it again"):
+    with pytest.raises(DataError, match=rf"^{path}: damaged \(array X_int is cut short\); {data_utils.REMAKE}"):
         data_utils.prepare(args)
 
 
@@ -916,7 +916,7 @@ def test_a_label_other_than_0_or_1_in_processed_files_is_refused(tmp_path: Path,
         records[223, 0] = 2
         records.tofile(spoilt)
 
-    with pytest.raises(DataError, match=f"^{spoilt}: label 2 is not 0 or 1; delete it to make it again$"):
+    with pytest.raises(DataError, match=f"^{spoilt}: label 2 is not 0 or 1; {data_utils.REMAKE}$"):
         all_rows(data_utils.criteo_datasets(args, data_utils.prepare(args))[0])  # read at once, or batch by batch
 
 
