@@ -197,9 +197,14 @@ def _parse_bool(text: str) -> bool:
 CONFIG_KEYS = {"model", "env_variables", "parameters"}
 
 
-def _read_text(flag: str, path: str) -> str:
-    if Path(path).exists() and not Path(path).is_file():  # a pipe can't be read twice, /dev/zero never ends
+def _check_input_file(flag: str, path: str) -> None:
+    """An input file given must be a regular file: reading a pipe waits for a writer, /dev/zero never ends."""
+    if Path(path).exists() and not Path(path).is_file():
         raise UsageError(f"{flag} {path}: not a regular file")
+
+
+def _read_text(flag: str, path: str) -> str:
+    _check_input_file(flag, path)
     try:
         return Path(path).read_text()
     except OSError as e:
@@ -432,10 +437,9 @@ def _check_no_overwrite(args: argparse.Namespace) -> None:
 
 def _check_run_flags(args: argparse.Namespace) -> None:
     _check_rank_flags(args, args.world_size, f"--world_size {args.world_size}")
-    for flag in ("load_model", "processed_data_file"):  # reading a pipe waits for a writer, /dev/zero never ends
-        path = getattr(args, flag)
-        if path and Path(path).exists() and not Path(path).is_file():
-            raise UsageError(f"--{flag.replace('_', '-')} {path}: not a regular file")
+    for flag in ("load_model", "processed_data_file"):
+        if getattr(args, flag):
+            _check_input_file(f"--{flag.replace('_', '-')}", getattr(args, flag))
     for flag in ("save_model", "metrics_file", "save_onnx"):
         path = getattr(args, flag)
         if path:
