@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--hmp", dest="data_type", action="store_const", const="bf16", default="fp32", help="same as --data_type bf16")
     add("--hmp-bf16", type=str, default="", help="the original's list of ops run in bf16")
     add("--hmp-fp32", type=str, default="", help="the original's list of ops kept in fp32")
-    add("--hmp-opt-level", type=str, default="O1")
+    add("--hmp-opt-level", type=str, default="O1", choices=["O1", "O2"], help="O2: only the matrix products in bf16")
     add("--hmp-verbose", action="store_true", default=False)
     add("--distributed", action="store_true", default=False)
     add("--print-dist-loss", action="store_true", default=False)
@@ -315,7 +315,6 @@ UNAVAILABLE = [
         "--qr-flag", "--qr-threshold", "--qr-operation", "--qr-collisions")],
     ("--activation-function", lambda a: a.activation_function != "relu", "is not supported: the model uses relu"),
     ("--sync-dense-params false", lambda a: not a.sync_dense_params, "is not supported: dense weights stay in sync"),
-    ("--hmp-opt-level", lambda a: a.hmp_opt_level != "O1", "is not supported: only O1 (the original's op lists)"),
 ]  # fmt: skip
 
 PROFILE_STEM = "dlrm_s_pytorch"  # --enable-profiling writes <stem>.json and <stem>.prof in the working folder
@@ -510,9 +509,11 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
     if args.measure_perf and args.num_batches <= 0:
         raise UsageError("--measure-perf: needs --num-batches > 0 (the number of times to replay the batch)")
     if args.data_type != "bf16":
-        for flag in ("hmp_bf16", "hmp_fp32", "hmp_verbose"):
-            if getattr(args, flag):
-                raise UsageError(f"--{flag.replace('_', '-')}: applies only with --data_type bf16 (or --hmp)")
+        hmp_flags = {"--hmp-bf16": args.hmp_bf16, "--hmp-fp32": args.hmp_fp32, "--hmp-verbose": args.hmp_verbose}
+        hmp_flags["--hmp-opt-level O2"] = args.hmp_opt_level == "O2"
+        for flag, given in hmp_flags.items():
+            if given:
+                raise UsageError(f"{flag}: applies only with --data_type bf16 (or --hmp)")
     if args.hmp_bf16:
         _check_op_list("--hmp-bf16", args.hmp_bf16, BF16_OPS)
     if args.hmp_fp32:
@@ -802,6 +803,17 @@ def make_mlp(widths: list[int], sigmoid_last: bool, kernels: TorchKernels) -> nn
     return nn.Sequential(*layers)
 
 
+class Fp32Sigmoid(nn.Module):
+    """Sigmoid in fp32 under autocast, for --hmp-opt-level O2 (only the matrix products in bf16).
+
+    The sigmoid is the one op of the model whose result O2's fp32 changes: ReLU, cat and gather are exact in bf16.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.sigmoid(x.float())
+
+
 class DensePath(nn.Module):
     """Everything after the embedding lookups: bottom MLP, interaction, top MLP, clamp and loss.
 
@@ -812,6 +824,8 @@ class DensePath(nn.Module):
         super().__init__()
         self.bottom_mlp = make_mlp(sizes.bottom, sigmoid_last=False, kernels=kernels)
         self.top_mlp = make_mlp(sizes.top, sigmoid_last=True, kernels=kernels)
+        if args.hmp_opt_level == "O2":
+            self.top_mlp[-1] = Fp32Sigmoid()
         self.interaction, self.loss_threshold = args.arch_interaction_op, args.loss_threshold
         self.loss_function, self.bf16 = args.loss_function, args.data_type == "bf16"
         features = len(sizes.tables) + 1
@@ -1759,7 +1773,8 @@ def main(argv: list[str]) -> int:
     if args.mlperf_logging:
         print("command line args: ", json.dumps(vars(args)))
     if args.hmp_verbose:
-        print(f"bf16 ops: {', '.join(sorted(BF16_OPS))}; fp32 ops: {', '.join(sorted(FP32_OPS))}")
+        fp32_ops = "every other op" if args.hmp_opt_level == "O2" else ", ".join(sorted(FP32_OPS))
+        print(f"bf16 ops: {', '.join(sorted(BF16_OPS))}; fp32 ops: {fp32_ops}")
 
     profile_name = f"{PROFILE_STEM}.rank{ranks.rank}" if ranks.world_size > 1 else PROFILE_STEM
     try:

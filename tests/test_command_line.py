@@ -133,6 +133,8 @@ BAD_INPUTS = {
     "qr not supported": (["--qr-flag"], "--qr-flag is not supported"),
     "activation other than relu": (["--activation-function=sigmoid"], "--activation-function is not supported"),
     "op list without bf16": (["--hmp-bf16=ops.txt"], "--hmp-bf16: applies only with --data_type bf16"),
+    "O2 without bf16": (["--hmp-opt-level=O2"], "--hmp-opt-level O2: applies only with --data_type bf16"),
+    "opt level not O1 or O2": (["--hmp", "--hmp-opt-level=O3"], "--hmp-opt-level: invalid choice: 'O3'"),
     "missing config": (["--config=/nonexistent.yaml"], "--config /nonexistent.yaml: No such file or directory"),
     "top MLP not ending in 1": (["--arch-mlp-top=4-2"], "--arch-mlp-top: the last width must be 1"),
     "tables larger than memory": (["--arch-embedding-size=900000000000"], "more than this machine's"),

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, finished_lines, printed_weights, run_script
+from torch import nn
 
 import dlrm_s_pytorch
 import habana_dlrm_ops
@@ -115,6 +116,43 @@ def test_cpu_lazy_bf16_weight_copies_train_as_autocast(monkeypatch, capsys, opti
     assert printed[True][1].keys() == printed[False][1].keys() and len(printed[True][1]) == 3 + 4 + 6
     for name, values in printed[True][1].items():
         torch.testing.assert_close(values, printed[False][1][name], atol=weight_tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("opt_level", ["O1", "O2"])
+def test_hmp_opt_level_chooses_which_ops_run_in_bf16(opt_level: str) -> None:
+    """O1 (autocast) runs the products in bf16 and the sigmoid on their bf16 output; O2 runs the sigmoid in fp32."""
+    args, sizes, _ = dlrm_s_pytorch.parse_command_line([*TINY, "--hmp", f"--hmp-opt-level={opt_level}"])
+    dense = dlrm_s_pytorch.DensePath(args, sizes, habana_dlrm_ops.TorchKernels())
+    generator = torch.Generator().manual_seed(0)
+    x, targets = torch.rand(16, 5, generator=generator), torch.randint(0, 2, (16, 1), generator=generator).float()
+    pooled = [torch.rand(16, 4, generator=generator, requires_grad=True) for _ in sizes.tables]
+
+    scores, loss, _ = dense(x, pooled, targets)
+    loss.backward()
+
+    plain = [p.detach().requires_grad_() for p in (*pooled, *dense.top_mlp.parameters())]
+    plain_pooled, top_params = plain[: len(pooled)], plain[len(pooled) :]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = torch.cat([dense.bottom_mlp(x), *plain_pooled], dim=1)
+        for i, (weight, bias) in enumerate(zip(top_params[::2], top_params[1::2], strict=True)):
+            hidden = nn.functional.linear(hidden, weight, bias)
+            if i < len(top_params) // 2 - 1:
+                hidden = torch.relu(hidden)
+    expected = torch.sigmoid(hidden.float()) if opt_level == "O2" else torch.sigmoid(hidden).float()
+    nn.functional.binary_cross_entropy(expected, targets).backward()
+    torch.testing.assert_close(scores, expected, rtol=0, atol=0)
+    for ours, reference in zip([*pooled, *dense.top_mlp.parameters()], plain, strict=True):
+        torch.testing.assert_close(ours.grad, reference.grad, rtol=0, atol=0)
+    assert torch.equal(scores, scores.bfloat16().float()) == (opt_level == "O1")
+
+
+def test_hmp_opt_level_o2_trains_in_both_modes_and_says_so() -> None:
+    argv = [*TINY, "--num-batches=4", "--hmp", "--hmp-opt-level=O2", "--hmp-verbose", "--optimizer=adagrad"]
+    eager, lazy = run_script(*argv), run_script(*argv, "--mode=lazy")
+    assert eager.returncode == lazy.returncode == 0, lazy.stderr
+    assert "bf16 ops: addmm, bmm, dot, linear, mm, mv; fp32 ops: every other op" in eager.stdout
+    assert len(losses(lazy.stdout)) == 4
+    assert losses(lazy.stdout) == pytest.approx(losses(eager.stdout), abs=2e-3)
 
 
 @pytest.mark.parametrize("mode", ["eager", "lazy"])
