@@ -89,8 +89,10 @@ def test_cpu_lazy_equals_eager(name: str) -> None:
 
 def test_cpu_lazy_bf16_measure_perf_stays_close_to_eager() -> None:
     argv = [*TINY, "--num-batches=4", "-d", "bf16", "--measure-perf", "--optimizer=adagrad", "--learning-rate=0.01"]
+    argv += ["--hmp-opt-level=O2", "--hmp-verbose"]  # the other bf16 tests use O1
     eager, lazy = run_script(*argv), run_script(*argv, "--run-lazy-mode")
     assert eager.returncode == lazy.returncode == 0, lazy.stderr
+    assert "bf16 ops: addmm, bmm, dot, linear, mm, mv; fp32 ops: every other op" in lazy.stdout
     # bf16 rounds the matrix products' outputs, and fused code may round them at other points
     assert losses(lazy.stdout) == pytest.approx(losses(eager.stdout), abs=2e-3)
 
@@ -144,15 +146,6 @@ def test_hmp_opt_level_chooses_which_ops_run_in_bf16(opt_level: str) -> None:
     for ours, reference in zip([*pooled, *dense.top_mlp.parameters()], plain, strict=True):
         torch.testing.assert_close(ours.grad, reference.grad, rtol=0, atol=0)
     assert torch.equal(scores, scores.bfloat16().float()) == (opt_level == "O1")
-
-
-def test_hmp_opt_level_o2_trains_in_both_modes_and_says_so() -> None:
-    argv = [*TINY, "--num-batches=4", "--hmp", "--hmp-opt-level=O2", "--hmp-verbose", "--optimizer=adagrad"]
-    eager, lazy = run_script(*argv), run_script(*argv, "--mode=lazy")
-    assert eager.returncode == lazy.returncode == 0, lazy.stderr
-    assert "bf16 ops: addmm, bmm, dot, linear, mm, mv; fp32 ops: every other op" in eager.stdout
-    assert len(losses(lazy.stdout)) == 4
-    assert losses(lazy.stdout) == pytest.approx(losses(eager.stdout), abs=2e-3)
 
 
 @pytest.mark.parametrize("mode", ["eager", "lazy"])
