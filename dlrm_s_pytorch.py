@@ -14,6 +14,7 @@ import contextlib
 import copy
 import ctypes
 import functools
+import importlib.util
 import itertools
 import json
 import math
@@ -21,6 +22,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -287,6 +289,11 @@ class Sizes:
     bottom: list[int]  # ln_bot
     top: list[int]  # ln_top, the interaction width first
 
+    def parameters(self) -> int:
+        """The number of weights: the tables', and the linear layers' with their biases."""
+        linear = sum((n + 1) * m for layers in (self.bottom, self.top) for n, m in itertools.pairwise(layers))
+        return sum(self.tables) * self.embedding_dim + linear
+
 
 def model_sizes(args: argparse.Namespace) -> Sizes:
     tables, bottom, top = args.arch_embedding_size, args.arch_mlp_bot, args.arch_mlp_top
@@ -317,6 +324,10 @@ UNAVAILABLE = [
     ("--sync-dense-params false", lambda a: not a.sync_dense_params, "is not supported: dense weights stay in sync"),
 ]  # fmt: skip
 
+ONNX_LIMIT = 2**31  # bytes: a protobuf file is smaller, so torch writes the weights of a larger model apart
+ONNX_WEIGHT_ALIGNMENT = 4096  # ONNX's external data: offsets at page multiples let a runtime map the weights
+ONNX_INSTALLED = importlib.util.find_spec("onnx") is not None
+ONNX_NEEDED = "a model over ONNX's 2 GB limit needs the onnx package to be written (requirements-extras.txt)"
 PROFILE_STEM = "dlrm_s_pytorch"  # --enable-profiling writes <stem>.json and <stem>.prof in the working folder
 GRAPH_STEM = "dlrm_s_pytorch_graph"  # --plot-compute-graph writes <stem>.dot (and <stem>.pdf)
 PROCESSES_PER_CORE = 4  # loader processes, or self-started ranks: more only compete for the cores, and cost memory
@@ -344,8 +355,7 @@ def _check_op_list(flag: str, path: str, expected: set[str]) -> None:
 
 def _check_memory(args: argparse.Namespace, sizes: Sizes) -> None:
     """Stop early, naming the flags, when the weights, optimizer state and a batch cannot fit in memory."""
-    weights = sum(sizes.tables) * sizes.embedding_dim
-    weights += sum((n + 1) * m for layers in (sizes.bottom, sizes.top) for n, m in itertools.pairwise(layers))
+    weights = sizes.parameters()
     copies = 2 if args.optimizer == "adagrad" and not args.inference_only else 1
     activations = args.mini_batch_size * (sum(sizes.bottom) + sum(sizes.top)) * 3  # forward, backward, spare
     index_buffers = args.mini_batch_size * args.num_indices_per_lookup * len(sizes.tables) * 4  # 4 int32 buffers
@@ -522,6 +532,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
     _check_run_flags(args)
     sizes = model_sizes(args)
     _check_memory(args, sizes)
+    if args.save_onnx and 4 * sizes.parameters() >= ONNX_LIMIT and not ONNX_INSTALLED:
+        raise UsageError(f"--save-onnx: {ONNX_NEEDED}")
     for flag, asks_for_it, reason in UNAVAILABLE:
         dest = flag.split()[0].lstrip("-").replace("-", "_")
         used = asks_for_it(args) if asks_for_it else getattr(args, dest) != parser.get_default(dest)
@@ -677,6 +689,8 @@ def dataset_sizes(args: argparse.Namespace, tables: list[int], dense_features: i
             setattr(args, dest, value)
     sizes = model_sizes(args)
     _check_memory(args, sizes)
+    if args.save_onnx and 4 * sizes.parameters() >= ONNX_LIMIT and not ONNX_INSTALLED:
+        raise UsageError(f"--save-onnx: {ONNX_NEEDED}")
     return sizes
 
 
@@ -1566,24 +1580,70 @@ def serving_inputs(batch: Batch) -> tuple[Tensor, ...]:
     return tuple(inputs)
 
 
+def gather_onnx_weights(model_file: Path, weights_name: str) -> None:
+    """Over ONNX's 2 GB limit, torch writes each weight to a file of its own beside ``model_file``, named after the
+    weight, and leaves out the types of some embedding bags' loop counters, which onnxruntime needs. Gather the
+    weights into one file, ``weights_name`` beside it, and give the counters their types."""
+    import onnx
+
+    proto = onnx.load(str(model_file), load_external_data=False)
+    for loop in (node for node in proto.graph.node if node.op_type == "Loop"):
+        (body,) = (attribute.g for attribute in loop.attribute if attribute.name == "body")
+        for counter, elem_type in zip(body.input[:2], (onnx.TensorProto.INT64, onnx.TensorProto.BOOL), strict=True):
+            counter.type.tensor_type.elem_type = elem_type  # the iteration number, then the condition: scalars
+            counter.type.tensor_type.shape.SetInParent()
+    with open(model_file.parent / weights_name, "wb") as weights:
+        for tensor in proto.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            part = model_file.parent / {entry.key: entry.value for entry in tensor.external_data}["location"]
+            weights.write(bytes(-weights.tell() % ONNX_WEIGHT_ALIGNMENT))
+            offset = weights.tell()
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, weights)
+            part.unlink()
+            del tensor.external_data[:]
+            for key, value in (("location", weights_name), ("offset", offset), ("length", weights.tell() - offset)):
+                tensor.external_data.add(key=key, value=str(value))
+    onnx.save(proto, str(model_file))
+
+
 def export_onnx(model: DLRM, batch: Batch, path: str) -> None:
-    """Write the model to ``path`` and, when onnxruntime is installed, check its scores against PyTorch's."""
+    """Write the model to ``path`` (its weights to ``path``.data when they pass ONNX's 2 GB limit) and, when
+    onnxruntime is installed, check its scores against PyTorch's."""
     serving, inputs = ServingDLRM(model).eval(), serving_inputs(batch)
     names = ["dense"] + [f"{kind}_{t}" for t in range(len(serving.tables)) for kind in ("indices", "offsets")]
     dynamic = {name: {0: "batch" if name in ("dense", "scores") or name.startswith("offsets") else "lookups"}
                for name in [*names, "scores"]}  # fmt: skip
+    final = Path(path).resolve()
+    weights = final.with_name(f"{final.name}.data")
     try:  # as the checkpoint: in missing folders too, and a failed write leaves any previous file as it was
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with data_utils.atomic_write(Path(path).resolve()) as temporary, torch.no_grad(), warnings.catch_warnings():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with (
+            tempfile.TemporaryDirectory(prefix=f".{final.name}.{os.getpid()}.", dir=final.parent) as folder,
+            torch.no_grad(),
+            warnings.catch_warnings(),
+        ):
             # the TorchScript exporter: the newer one needs onnxscript, and this one handles the embedding bags
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(serving, inputs, str(temporary), input_names=names, output_names=["scores"],
+            exported = Path(folder) / final.name
+            torch.onnx.export(serving, inputs, str(exported), input_names=names, output_names=["scores"],
                               dynamic_axes=dynamic, dynamo=False)  # fmt: skip
+            apart = len(os.listdir(folder)) > 1  # torch wrote the weights apart
+            if apart:
+                if not ONNX_INSTALLED:
+                    raise CheckpointError(f"--save-onnx {path}: {ONNX_NEEDED}")
+                gather_onnx_weights(exported, weights.name)
+                os.replace(exported.with_name(weights.name), weights)  # first: the model names it
+            os.replace(exported, final)
     except OSError as e:
         raise CheckpointError(f"--save-onnx {path}: cannot write it ({e.strerror})") from None
     with torch.no_grad():
         expected = serving(*inputs).numpy()
-    print(f"ONNX model written to {path} ({Path(path).stat().st_size / 1e6:.1f} MB)")
+    written = f"ONNX model written to {path} ({final.stat().st_size / 1e6:.1f} MB)"
+    if apart:
+        written += f", its weights to {weights.name} ({weights.stat().st_size / 1e6:.1f} MB)"
+    print(written)
     try:
         import onnxruntime
     except ImportError:

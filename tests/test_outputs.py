@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, finished_lines, run_script
 
+import dlrm_s_pytorch
 import trace_data
 
 TINY = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=5-8-4", "--mini-batch-size=16", "--learning-rate=0.05"]
@@ -109,6 +111,59 @@ def test_a_failed_onnx_write_is_one_line_and_keeps_the_previous_model(tmp_path: 
     assert full_disk.stderr == "dlrm_s_pytorch.py: error: --save-onnx m.onnx: cannot write it (File too large)\n"
     assert (tmp_path / "m.onnx").read_bytes() == previous
     assert sorted(path.name for path in tmp_path.iterdir()) == ["m.onnx"]
+
+
+@pytest.fixture
+def export_as_over_2_gb(monkeypatch) -> None:
+    """torch's export of a model over 2 GB, for a small one: each weight in a file named after it beside the model,
+    and the loop counters of some embedding bags without types (seen with a 9,000,000 x 64 table)."""
+    onnx = pytest.importorskip("onnx")
+    export = torch.onnx.export
+
+    def over_2_gb(model: torch.nn.Module, inputs: tuple, path: str, **kwargs) -> None:
+        export(model, inputs, path, **kwargs)
+        proto = onnx.load(path)
+        for loop in (node for node in proto.graph.node if node.op_type == "Loop"):
+            for counter in loop.attribute[0].g.input[:2]:
+                counter.ClearField("type")
+        onnx.save(proto, path, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+
+    monkeypatch.setattr(torch.onnx, "export", over_2_gb)
+
+
+def test_a_model_over_2_gb_is_written_with_its_weights_in_one_file(
+    export_as_over_2_gb: None, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tables.0.weight").write_text("a file of the user's")  # torch writes beside the model
+    assert dlrm_s_pytorch.main([*TINY, "--num-batches=1", "--save-onnx=m.onnx"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^ONNX model written to m.onnx \(.+ MB\), its weights to m.onnx.data \(.+ MB\)$", out, re.M)
+    difference = re.search(r"largest difference from PyTorch (\S+)", out)
+    assert difference and float(difference[1]) < 1e-5, out
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "tables.0.weight"]
+    assert (tmp_path / "tables.0.weight").read_text() == "a file of the user's"
+    weights = onnx.load("m.onnx", load_external_data=False).graph.initializer
+    places = [{entry.key: entry.value for entry in tensor.external_data} for tensor in weights]
+    assert len(places) >= 4 + 2 * 4 and {place["location"] for place in places} == {"m.onnx.data"}  # tables, layers
+    assert all(int(place["offset"]) % dlrm_s_pytorch.ONNX_WEIGHT_ALIGNMENT == 0 for place in places)
+
+
+def test_a_model_over_2_gb_without_the_onnx_package_is_one_line(
+    export_as_over_2_gb: None, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setattr(dlrm_s_pytorch, "ONNX_INSTALLED", False)
+    monkeypatch.chdir(tmp_path)
+    assert dlrm_s_pytorch.main([*TINY, "--num-batches=1", "--save-onnx=m.onnx"]) == 2
+    needed = "a model over ONNX's 2 GB limit needs the onnx package to be written (requirements-extras.txt)"
+    assert capsys.readouterr().err == f"dlrm_s_pytorch.py: error: --save-onnx m.onnx: {needed}\n"
+    assert list(tmp_path.iterdir()) == []
+    too_large = ["--arch-embedding-size=600000000", "--arch-sparse-feature-size=1", "--arch-mlp-bot=4-1"]
+    assert dlrm_s_pytorch.main([*too_large, "--arch-mlp-top=2-1", "--save-onnx"]) == 2  # found out at start-up
+    assert capsys.readouterr().err == f"dlrm_s_pytorch.py: error: --save-onnx: {needed}\n"
 
 
 def test_plot_compute_graph_writes_graphviz_source(tmp_path: Path) -> None:
