@@ -1559,7 +1559,7 @@ class ServingDLRM(nn.Module):
 
     def __init__(self, model: DLRM) -> None:
         super().__init__()
-        weights = [table.weight.detach().float().cpu().clone() for table in model.embeddings]
+        weights = [table.weight.detach().float().cpu() for table in model.embeddings]  # the trained ones, not copies
         self.tables = nn.ModuleList(nn.EmbeddingBag.from_pretrained(w, freeze=False, mode="sum") for w in weights)
         self.dense = copy.deepcopy(model.dense).float().cpu()
         for layer in self.dense.modules():
