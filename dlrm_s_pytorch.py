@@ -353,8 +353,11 @@ def _check_op_list(flag: str, path: str, expected: set[str]) -> None:
         raise UsageError(f"{flag} {path}: only the original list is supported ({', '.join(sorted(expected))})")
 
 
-def _check_memory(args: argparse.Namespace, sizes: Sizes) -> None:
-    """Stop early, naming the flags, when the weights, optimizer state and a batch cannot fit in memory."""
+def _check_model_fits(args: argparse.Namespace, sizes: Sizes) -> None:
+    """Stop early, naming the flags, when the weights, optimizer state and a batch cannot fit in memory, or the
+    weights cannot be exported to ONNX."""
+    if args.save_onnx and 4 * sizes.parameters() >= ONNX_LIMIT and not ONNX_INSTALLED:
+        raise UsageError(f"--save-onnx: {ONNX_NEEDED}")
     weights = sizes.parameters()
     copies = 2 if args.optimizer == "adagrad" and not args.inference_only else 1
     activations = args.mini_batch_size * (sum(sizes.bottom) + sum(sizes.top)) * 3  # forward, backward, spare
@@ -531,9 +534,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
     _check_data_flags(args, parser)
     _check_run_flags(args)
     sizes = model_sizes(args)
-    _check_memory(args, sizes)
-    if args.save_onnx and 4 * sizes.parameters() >= ONNX_LIMIT and not ONNX_INSTALLED:
-        raise UsageError(f"--save-onnx: {ONNX_NEEDED}")
+    _check_model_fits(args, sizes)
     for flag, asks_for_it, reason in UNAVAILABLE:
         dest = flag.split()[0].lstrip("-").replace("-", "_")
         used = asks_for_it(args) if asks_for_it else getattr(args, dest) != parser.get_default(dest)
@@ -688,9 +689,7 @@ def dataset_sizes(args: argparse.Namespace, tables: list[int], dense_features: i
             print(f"--{dest.replace('_', '-')} {'-'.join(map(str, value))}: from the data")
             setattr(args, dest, value)
     sizes = model_sizes(args)
-    _check_memory(args, sizes)
-    if args.save_onnx and 4 * sizes.parameters() >= ONNX_LIMIT and not ONNX_INSTALLED:
-        raise UsageError(f"--save-onnx: {ONNX_NEEDED}")
+    _check_model_fits(args, sizes)
     return sizes
 
 
