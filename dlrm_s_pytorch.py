@@ -1250,6 +1250,7 @@ class Trainer:
         self.last_saved = None  # the position this run last saved to --save-model
         if checkpoint:  # before dense_step: lazy bf16 copies the weights it finds
             with fields_of(self.loaded_from):
+                self.check_saved_ranks(checkpoint)
                 self.saved_at = Position.saved(checkpoint["position"])
                 for name, weight in model.named_weights():
                     load_tensor(self.loaded_from, "tensor", name, checkpoint["weights"], weight)
@@ -1291,12 +1292,16 @@ class Trainer:
             "rng": dict(numpy=numpy_rng_state(), torch=torch.get_rng_state()),
         }
 
+    def check_saved_ranks(self, state: dict) -> None:
+        """Each rank's file holds its own tables (or rows): N ranks' files load into N ranks only, to train or
+        to evaluate; checked first, as no weight of another plan would fit."""
+        if state["world_size"] != self.ranks.world_size:
+            raise CheckpointError(f"--load-model {self.loaded_from}: saved by {state['world_size']} ranks, this run "
+                                  f"has {self.ranks.world_size}")  # fmt: skip
+
     def restore(self, state: dict) -> None:
         """Everything a resumed run needs to continue as if it had never stopped."""
         path = self.loaded_from
-        if state["world_size"] != self.ranks.world_size:
-            raise CheckpointError(f"--load-model {path}: saved by {state['world_size']} ranks, this run has "
-                                  f"{self.ranks.world_size}")  # fmt: skip
         if state["optimizer"] != self.args.optimizer:
             raise CheckpointError(f"--load-model {path}: saved with --optimizer {state['optimizer']}, "
                                   f"this run uses {self.args.optimizer}")  # fmt: skip

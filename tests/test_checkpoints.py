@@ -294,6 +294,10 @@ def write_bad_files(tmp_path: Path, good: Path) -> dict[str, tuple[Path, list[st
     state = saved(good)
     state["window"] = torch.zeros(2, 5)
     torch.save(state, wide_window := tmp_path / "wide_window.pt")
+    state = saved(good)  # rank 0's file of two: half of the table split by rows
+    state["world_size"] = 2
+    state["weights"]["table 2 rows 0-99"] = state["weights"].pop("table 2 rows 0-199")[:100]
+    torch.save(state, two_ranks := tmp_path / "two_ranks.pt")
     return {
         "truncated": (truncated, [], "truncated or corrupt"),
         "corrupt": (corrupt, [], "truncated or corrupt"),
@@ -307,6 +311,8 @@ def write_bad_files(tmp_path: Path, good: Path) -> dict[str, tuple[Path, list[st
                                                                       "this model's is [201, 4]"),
         "other layer": (good, ["--arch-mlp-bot=5-9-4"], "'bottom_mlp.0.weight' has shape [8, 5], "
                                                         "this model's is [9, 5]"),
+        "saved by two ranks": (two_ranks, [], "saved by 2 ranks, this run has 1"),
+        "evaluated from two ranks": (two_ranks, ["--inference-only"], "saved by 2 ranks, this run has 1"),
         "other optimizer": (good, ["--optimizer=sgd"], "saved with --optimizer adagrad, this run uses sgd"),
         "other batch size": (good, ["--mini-batch-size=8"], "saved with --mini-batch-size 16, this run has 8"),
     }  # fmt: skip
