@@ -328,8 +328,13 @@ ONNX_LIMIT = 2**31  # bytes: a protobuf file is smaller, so torch writes the wei
 ONNX_WEIGHT_ALIGNMENT = 4096  # ONNX's external data: offsets at page multiples let a runtime map the weights
 ONNX_INSTALLED = importlib.util.find_spec("onnx") is not None
 ONNX_NEEDED = "a model over ONNX's 2 GB limit needs the onnx package to be written (requirements-extras.txt)"
-PROFILE_STEM = "dlrm_s_pytorch"  # --enable-profiling writes <stem>.json and <stem>.prof in the working folder
-GRAPH_STEM = "dlrm_s_pytorch_graph"  # --plot-compute-graph writes <stem>.dot (and <stem>.pdf)
+PROFILE_STEM = "dlrm_s_pytorch"
+GRAPH_STEM = "dlrm_s_pytorch_graph"
+# What these flags write in the working folder (the PDF only where Graphviz is installed)
+WORKING_FOLDER_FILES = {
+    "--enable-profiling": (f"{PROFILE_STEM}.json", f"{PROFILE_STEM}.prof"),
+    "--plot-compute-graph": (f"{GRAPH_STEM}.dot", f"{GRAPH_STEM}.pdf"),
+}
 PROCESSES_PER_CORE = 4  # loader processes, or self-started ranks: more only compete for the cores, and cost memory
 # Flags that only mean something with some kinds of data: the --data-generation values they apply to
 DATA_FLAGS = {
@@ -421,24 +426,28 @@ def _check_writable(flag: str, path: str, folder: bool = False) -> None:
         raise UsageError(f"{flag} {path}: cannot be written there")
 
 
+def _working_folder_files(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(flag, file) for each file ``WORKING_FOLDER_FILES`` says the run will write."""
+    asked = [flag for flag in WORKING_FOLDER_FILES if getattr(args, flag[2:].replace("-", "_"))]
+    return [(flag, file) for flag in asked for file in WORKING_FOLDER_FILES[flag]]
+
+
 def _check_no_overwrite(args: argparse.Namespace) -> None:
     """No output file may be an input (the data, the config, the checkpoint loaded) or another output: the
     checkpoint would replace the processed data, the ONNX model the checkpoint. Resuming in place
     (``--load-model F --save-model F``) is fine: the checkpoint is written to a temporary file and renamed."""
-    files = {
-        "--config": args.config, "--raw-data-file": args.raw_data_file,
-        "--processed-data-file": args.processed_data_file, "--hmp-bf16": args.hmp_bf16, "--hmp-fp32": args.hmp_fp32,
-        "--data-trace-file": args.data_trace_file if args.data_generation == "synthetic" else "",
-        "--load-model": args.load_model,
-        "--save-model": args.save_model, "--metrics-file": args.metrics_file, "--save-onnx": args.save_onnx,
-        "--tensorboard": args.tensorboard,
-        "--enable-profiling": args.enable_profiling and f"{PROFILE_STEM}.json",
-        "--plot-compute-graph": args.plot_compute_graph and f"{GRAPH_STEM}.dot",
-    }  # fmt: skip
-    outputs = ["--save-model", "--metrics-file", "--save-onnx", "--tensorboard", "--enable-profiling",
-               "--plot-compute-graph"]  # fmt: skip
+    files = [
+        ("--config", args.config), ("--raw-data-file", args.raw_data_file),
+        ("--processed-data-file", args.processed_data_file), ("--hmp-bf16", args.hmp_bf16),
+        ("--hmp-fp32", args.hmp_fp32),
+        ("--data-trace-file", args.data_trace_file if args.data_generation == "synthetic" else ""),
+        ("--load-model", args.load_model),
+        ("--save-model", args.save_model), ("--metrics-file", args.metrics_file), ("--save-onnx", args.save_onnx),
+        ("--tensorboard", args.tensorboard), *_working_folder_files(args),
+    ]  # fmt: skip
+    outputs = ["--save-model", "--metrics-file", "--save-onnx", "--tensorboard", *WORKING_FOLDER_FILES]
     seen = {}
-    for flag, path in files.items():
+    for flag, path in files:
         if not path:
             continue
         where = Path(path).resolve()
@@ -461,12 +470,8 @@ def _check_run_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--load-model {args.load_model}: no such file")
     if args.tensorboard:
         _check_writable("--tensorboard", args.tensorboard, folder=True)
-    for flag, written in (
-        ("--enable-profiling", f"{PROFILE_STEM}.json"),
-        ("--plot-compute-graph", f"{GRAPH_STEM}.dot"),
-    ):
-        if getattr(args, flag[2:].replace("-", "_")):
-            _check_writable(flag, written)
+    for flag, written in _working_folder_files(args):
+        _check_writable(flag, written)
     for flag in ("test_freq", "test_mini_batch_size", "test_num_workers"):
         if getattr(args, flag) < -1:
             raise UsageError(f"--{flag.replace('_', '-')}: must be -1 (the default) or more, got {getattr(args, flag)}")

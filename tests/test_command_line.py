@@ -106,6 +106,10 @@ BAD_INPUTS = {
     "onnx over the checkpoint": (["--load-model=m.pt", "--save-onnx=m.pt"], "would overwrite the --load-model"),
     "onnx over the checkpoint saved": (["--save-model=m.pt", "--save-onnx=./m.pt"], "would overwrite the --save-model"),
     "metrics over the checkpoint": (["--save-model=m.pt", "--metrics-file=m.pt"], "would overwrite the --save-model"),
+    "profile table over the metrics": (
+        ["--metrics-file=dlrm_s_pytorch.prof", "--enable-profiling"],
+        "--enable-profiling dlrm_s_pytorch.prof: would overwrite the --metrics-file file",
+    ),
     "tensorboard where the metrics go": (["--metrics-file=m", "--tensorboard=m"], "--tensorboard m: would overwrite"),
     "checkpoint over the data": (
         ["--data-generation=dataset", "--processed-data-file=d.npz", "--save-model=d.npz"],
@@ -356,6 +360,14 @@ def test_profiling_writes_a_trace(tmp_path) -> None:
     trace = json.loads((tmp_path / "dlrm_s_pytorch.json").read_text())
     assert any("embedding_bag" in event.get("name", "") for event in trace["traceEvents"])
     assert "Self CPU" in (tmp_path / "dlrm_s_pytorch.prof").read_text()
+
+
+def test_a_profile_file_that_cannot_be_written_stops_the_run_before_it_starts(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dlrm_s_pytorch.prof").mkdir()  # the table of the slowest ops, written after training
+    assert dlrm_s_pytorch.main([*TINY, "--num-batches=1", "--enable-profiling"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--enable-profiling dlrm_s_pytorch.prof: not a regular file" in err, err
 
 
 def test_debug_mode_and_memory_log_print_what_they_promise() -> None:
