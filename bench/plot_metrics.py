@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         out = args.out or args.metrics.with_suffix(".png")
+        if out.resolve() == args.metrics.resolve():  # a metrics file named .png, or --out naming it
+            raise MetricsError(f"{out}: is the metrics file, which the picture would replace (give --out another)")
         plot(latest_per_step(read_metrics(args.metrics)), out)
     except MetricsError as error:
         print(f"plot_metrics.py: error: {error}", file=sys.stderr)

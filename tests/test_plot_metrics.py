@@ -64,6 +64,15 @@ def test_out_names_the_png(tmp_path):
     assert result.stdout.strip() == str(out) and out.read_bytes().startswith(PNG_SIGNATURE)
 
 
+@pytest.mark.parametrize("name, out", [("run.png", []), ("run.jsonl", ["--out", "./run.jsonl"])])
+def test_the_picture_never_replaces_the_metrics(tmp_path, name, out):
+    metrics = write_run(tmp_path / name)
+    kept = metrics.read_bytes()
+    result = subprocess.run([sys.executable, str(SCRIPT), name, *out], capture_output=True, text=True, cwd=tmp_path)
+    assert_one_error_line(result, "run.", ": is the metrics file")
+    assert metrics.read_bytes() == kept
+
+
 @pytest.mark.parametrize("content", [None, "", "\n\n"], ids=["missing", "empty", "blank"])
 def test_missing_or_empty_metrics_file(tmp_path, content):
     metrics = tmp_path / "run.jsonl"
