@@ -33,6 +33,8 @@ class _Parser(argparse.ArgumentParser):
 
 def read_metrics(path: Path) -> list[dict]:
     """The file's records, each checked for what the plot uses."""
+    if path.exists() and not path.is_file():  # a pipe waits for a writer, /dev/zero never ends
+        raise MetricsError(f"{path}: not a regular file")
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as error:

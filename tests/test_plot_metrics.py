@@ -1,6 +1,7 @@
 """bench/plot_metrics.py: a metrics file becomes a PNG; a bad input is one error line and exit status 2."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,11 @@ def test_missing_or_empty_metrics_file(tmp_path, content):
         metrics.write_text(content)
     complaint = "cannot be read (No such file or directory)" if content is None else "has no metrics"
     assert_one_error_line(run_plot(str(metrics)), str(metrics), complaint)
+
+
+def test_a_metrics_file_that_is_a_pipe_is_refused_not_waited_on(tmp_path):
+    os.mkfifo(tmp_path / "run.jsonl")  # reading it waits for a writer, forever
+    assert_one_error_line(run_plot(str(tmp_path / "run.jsonl")), f"{tmp_path / 'run.jsonl'}: not a regular file")
 
 
 @pytest.mark.parametrize(
