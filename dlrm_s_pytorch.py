@@ -256,6 +256,9 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], 
             raise UsageError(f"--config {path}: {name!r} is an on/off flag: list it under store_true")
         if value is None:  # "save-onnx:" would be --save-onnx=None, a file named None
             raise UsageError(f"--config {path}: {name!r} has no value (give one, or leave the parameter out)")
+        if isinstance(value, bool) and action.type is not _parse_bool:  # "save-onnx: false": a file named False
+            raise UsageError(f"--config {path}: {name!r} is the YAML boolean {value}: list an on/off flag under "
+                             "store_true, and quote a text value")  # fmt: skip
         if not _os_string(str(value)):
             raise UsageError(f"--config {path}: {name!r} is {value!r}, which no command line can hold")
         argv.append(f"--{name}={value}")

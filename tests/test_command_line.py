@@ -176,6 +176,8 @@ def test_bad_input_is_one_line_and_exit_2(name: str, capsys) -> None:
         ('model: dlrm\nparameters: {save-model: "a\\0b"}\n', "'save-model' is 'a\\x00b', which no command line"),
         ('model: dlrm\nparameters: {metrics-file: "\\ud800"}\n', "'metrics-file' is '\\ud800', which no command"),
         ("model: dlrm\nparameters: {metrics-file: }\n", "'metrics-file' has no value"),
+        ("model: dlrm\nparameters: {save-onnx: false}\n", "'save-onnx' is the YAML boolean False"),
+        ("model: dlrm\nparameters: {save-model: yes}\n", "'save-model' is the YAML boolean True"),
         ("model: dlrm\n1: a\n", "unknown key '1'"),
         ("model: dlrm\nparameters: &a {mini-batch-size: 8}\nenv_variables: *a\n", "YAML aliases (*name)"),
         ("model: " + "[" * 1000 + "]" * 1000 + "\n", "nested too deeply"),  # deeper only parses longer
