@@ -245,7 +245,8 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], 
     argv = []
     for name in switches:
         action = options.get(f"--{name}")
-        if action is None or action.nargs not in (0, "?"):  # --save-onnx was on/off in the original, as here
+        # --save-onnx was on/off in the original, as here; --help would print the usage and end the run, with 0
+        if action is None or action.nargs not in (0, "?") or action.dest == "help":
             raise UsageError(f"--config {path}: {name!r} in store_true is not an on/off flag")
         argv.append(f"--{name}")
     for name, value in parameters.items():
