@@ -247,6 +247,8 @@ def test_a_hung_self_started_rank_is_killed_after_the_grace(monkeypatch) -> None
             [],
             "MASTER_ADDR='no-such-host.invalid': ",
         ),
+        (dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="localhost", MASTER_PORT="abc"), [], "MASTER_PORT='abc': not"),
+        (dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="localhost", MASTER_PORT="-1"), [], "MASTER_PORT=-1: not a port"),
         ({}, ["-w", "2", "--device=cuda"], "--device cuda" if not torch.cuda.is_available() else "GPU per rank"),
     ],
 )
