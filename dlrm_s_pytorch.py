@@ -1141,6 +1141,8 @@ class CheckpointError(Exception):
 CHECKPOINT_FORMAT = "dlrm_s_pytorch checkpoint 1"
 # flags that decide which batches come where: a resumed run must keep them (--num-batches may grow)
 RESUME_FLAGS = ("mini_batch_size", "data_generation", "numpy_rand_seed", "data_set", "data_randomize")
+# flags that decide what the weights mean beyond their shapes: a loaded model, trained on or evaluated, must keep them
+MODEL_FLAGS = ("arch_interaction_op", "arch_interaction_itself")
 
 
 def checkpoint_file(path: str, rank: int) -> Path:
@@ -1259,7 +1261,7 @@ class Trainer:
         self.last_saved = None  # the position this run last saved to --save-model
         if checkpoint:  # before dense_step: lazy bf16 copies the weights it finds
             with fields_of(self.loaded_from):
-                self.check_saved_ranks(checkpoint)
+                self.check_saved_model(checkpoint)
                 self.saved_at = Position.saved(checkpoint["position"])
                 for name, weight in model.named_weights():
                     load_tensor(self.loaded_from, "tensor", name, checkpoint["weights"], weight)
@@ -1288,6 +1290,7 @@ class Trainer:
             "world_size": self.ranks.world_size,
             "optimizer": self.args.optimizer,
             "data": {flag: getattr(self.args, flag) for flag in RESUME_FLAGS},
+            "model": {flag: getattr(self.args, flag) for flag in MODEL_FLAGS},
             "weights": {name: weight.detach().cpu() for name, weight in model.named_weights()},
             "sparse_state": {
                 str(shard): table.moments.cpu()
@@ -1301,12 +1304,20 @@ class Trainer:
             "rng": dict(numpy=numpy_rng_state(), torch=torch.get_rng_state()),
         }
 
-    def check_saved_ranks(self, state: dict) -> None:
+    def check_saved_model(self, state: dict) -> None:
         """Each rank's file holds its own tables (or rows): N ranks' files load into N ranks only, to train or
-        to evaluate; checked first, as no weight of another plan would fit."""
+        to evaluate; checked first, as no weight of another plan would fit. A dot interaction's weights can fit a
+        cat model's too."""
         if state["world_size"] != self.ranks.world_size:
             raise CheckpointError(f"--load-model {self.loaded_from}: saved by {state['world_size']} ranks, this run "
                                   f"has {self.ranks.world_size}")  # fmt: skip
+        self.check_saved_flags(state["model"])
+
+    def check_saved_flags(self, saved: dict) -> None:
+        for flag, value in saved.items():
+            if getattr(self.args, flag) != value:
+                raise CheckpointError(f"--load-model {self.loaded_from}: saved with --{flag.replace('_', '-')} "
+                                      f"{value}, this run has {getattr(self.args, flag)}")  # fmt: skip
 
     def restore(self, state: dict) -> None:
         """Everything a resumed run needs to continue as if it had never stopped."""
@@ -1314,10 +1325,7 @@ class Trainer:
         if state["optimizer"] != self.args.optimizer:
             raise CheckpointError(f"--load-model {path}: saved with --optimizer {state['optimizer']}, "
                                   f"this run uses {self.args.optimizer}")  # fmt: skip
-        for flag, saved in state["data"].items():
-            if getattr(self.args, flag) != saved:
-                raise CheckpointError(f"--load-model {path}: saved with --{flag.replace('_', '-')} {saved}, "
-                                      f"this run has {getattr(self.args, flag)}")  # fmt: skip
+        self.check_saved_flags(state["data"])
         for shard, table in zip(self.model.shards, self.model.embeddings, strict=True):
             if table.moments is not None:
                 load_tensor(path, "Adagrad state of", str(shard), state["sparse_state"], table.moments)

@@ -334,6 +334,16 @@ def test_bad_checkpoints_stop_with_one_line_naming_what_does_not_fit(tmp_path: P
         assert err.count("\n") == 1 and f"--load-model {path}" in err and message in err, (name, err)
 
 
+def test_a_model_of_another_interaction_is_refused_where_its_weights_fit(tmp_path: Path, capsys) -> None:
+    argv = ["--arch-embedding-size=20-30-7", "--arch-sparse-feature-size=2", "--arch-mlp-bot=5-2", "--num-batches=1"]
+    argv += ["--arch-mlp-top=8-1"]  # 4 features of 2: cat makes 8 inputs, dot 6 products and 2
+    path = tmp_path / "dot.pt"
+    assert dlrm_s_pytorch.main([*argv, "--arch-interaction-op=dot", "--save-model", str(path)]) == 0
+    assert dlrm_s_pytorch.main([*argv, "--inference-only", "--load-model", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "saved with --arch-interaction-op dot, this run has cat" in err, err
+
+
 @pytest.mark.parametrize("checkpoint", ["typo.pt", "truncated.pt"])
 def test_a_bad_checkpoint_stops_the_run_before_the_data_is_prepared(tmp_path: Path, capsys, checkpoint: str) -> None:
     raw = write_kaggle(tmp_path, rows=700)
