@@ -391,6 +391,8 @@ def _check_data_flags(args: argparse.Namespace, parser: argparse.ArgumentParser)
     for dest in TEST_FLAGS:
         if args.test_freq <= 0 and not args.inference_only and getattr(args, dest) != parser.get_default(dest):
             raise UsageError(f"--{dest.replace('_', '-')}: applies only with --test-freq (or --inference-only)")
+    if args.test_freq > 0 and args.inference_only:
+        raise UsageError("--test-freq: applies only to training (--inference-only evaluates the test split once)")
     if not args.raw_data_file and not args.processed_data_file:
         raise UsageError("--data-generation dataset: needs --raw-data-file or --processed-data-file")
     if not 0.0 <= args.data_sub_sample_rate < 1.0:

@@ -131,6 +131,10 @@ BAD_INPUTS = {
         ["--data-generation=dataset", "--raw-data-file=x", "--test-num-workers=2"],
         "--test-num-workers: applies only with --test-freq (or --inference-only)",
     ),
+    "test frequency of an evaluation": (
+        ["--data-generation=dataset", "--raw-data-file=x", "--test-freq=5", "--inference-only"],
+        "--test-freq: applies only to training (--inference-only evaluates the test split once)",
+    ),
     "config that never ends": (["--config=/dev/zero"], "--config /dev/zero: not a regular file"),
     "ranks by the thousand": (["-w", "4000", "--mini-batch-size=4000"], "--world_size 4000: more than 4 ranks"),
     "onnx from two ranks": (["--save-onnx", "--world_size=2", "--mini-batch-size=4"], "needs one rank"),
