@@ -54,12 +54,14 @@ def _record(path: Path, number: int, line: str) -> dict:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise MetricsError(f"{where}: not JSON ({error.msg})") from None
+    except (RecursionError, ValueError):  # nested too deeply, or an integer of thousands of digits
+        raise MetricsError(f"{where}: not a metrics record (nested too deeply, or a number too long)") from None
     if not isinstance(record, dict):
         raise MetricsError(f"{where}: not a JSON object")
     if record.get("phase") not in PHASES:
         raise MetricsError(f"{where}: phase must be 'train' or 'test', got {record.get('phase')!r}")
     step = record.get("step")
-    if not isinstance(step, int) or isinstance(step, bool):
+    if not isinstance(step, int) or not _is_number(step):
         raise MetricsError(f"{where}: step must be an integer, got {step!r}")
     for key in ("loss", "accuracy"):
         if not _is_number(record.get(key)):
@@ -77,7 +79,8 @@ def latest_per_step(records: list[dict]) -> list[dict]:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A number a plot can draw: JSON's integers may be too large for a float."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and not abs(value) > sys.float_info.max
 
 
 def plot(records: list[dict], out: Path) -> None:
