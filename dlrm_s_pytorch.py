@@ -1313,7 +1313,7 @@ class Trainer:
         if state["world_size"] != self.ranks.world_size:
             raise CheckpointError(f"--load-model {self.loaded_from}: saved by {state['world_size']} ranks, this run "
                                   f"has {self.ranks.world_size}")  # fmt: skip
-        self.check_saved_flags(state["model"])
+        self.check_saved_flags(state.get("model", {}))  # not recorded in the checkpoints of earlier versions
 
     def check_saved_flags(self, saved: dict) -> None:
         for flag, value in saved.items():
