@@ -1493,8 +1493,9 @@ class Trainer:
         if self.args.log_device_mem_alloc:
             print(self.backend.memory_report())
         samples_per_s = self.args.mini_batch_size * 1000 / ms if ms else None
-        self.metrics.write(dict(phase="train", epoch=epoch, iteration=it, step=self.position.iteration, loss=loss,
-                                accuracy=accuracy, auc=None, ms_per_it=ms, samples_per_s=samples_per_s))  # fmt: skip
+        self.metrics.write(dict(phase="train" if self.training else "inference", epoch=epoch, iteration=it,
+                                step=self.position.iteration, loss=loss, accuracy=accuracy, auc=None, ms_per_it=ms,
+                                samples_per_s=samples_per_s))  # fmt: skip
 
     def test(self, it: int, epoch: int) -> bool:
         """Evaluate the test split, print and log it; True when an ``--mlperf-*-threshold`` is reached, or when a

@@ -1,11 +1,12 @@
-"""Plot a training run's metrics: loss, accuracy and AUC against the step, training and test as separate lines.
+"""Plot a run's metrics: loss, accuracy and AUC against the step, training (or inference) and test as separate lines.
 
     python bench/plot_metrics.py METRICS [--out FILE.png]
 
 METRICS is the JSON Lines file the training script appends to at every print window and every test, one object
-a line: ``phase`` ("train" or "test"), ``epoch``, ``iteration``, ``step`` (iterations since the start of
-training), ``loss``, ``accuracy`` (0..1), ``auc`` (test lines; null when not computed), ``ms_per_it`` and
-``samples_per_s``. Where a resumed run wrote a step again, its later line is the one drawn. The picture goes to
+a line: ``phase`` ("train", "inference" for the reports of an ``--inference-only`` run, or "test"), ``epoch``,
+``iteration``, ``step`` (iterations since the start of training), ``loss``, ``accuracy`` (0..1), ``auc`` (test
+lines; null when not computed), ``ms_per_it`` and ``samples_per_s``. Where a resumed run wrote a step again, its
+later line is the one drawn. The picture goes to
 FILE.png (default: METRICS with the suffix .png), and its path is printed.
 Needs matplotlib (requirements-extras.txt); a problem is one line on stderr and exit status 2.
 """
@@ -16,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-PHASES = ("train", "test")
-COLORS = {"train": "tab:blue", "test": "tab:orange"}  # the same in every panel
+PHASES = ("train", "inference", "test")
+COLORS = {"train": "tab:blue", "inference": "tab:green", "test": "tab:orange"}  # the same in every panel
 # (key, axis label, phases drawn): only tests compute an AUC
 PANELS = (("loss", "loss", PHASES), ("accuracy", "accuracy", PHASES), ("auc", "AUC", ("test",)))
 
@@ -59,7 +60,7 @@ def _record(path: Path, number: int, line: str) -> dict:
     if not isinstance(record, dict):
         raise MetricsError(f"{where}: not a JSON object")
     if record.get("phase") not in PHASES:
-        raise MetricsError(f"{where}: phase must be 'train' or 'test', got {record.get('phase')!r}")
+        raise MetricsError(f"{where}: phase must be 'train', 'inference' or 'test', got {record.get('phase')!r}")
     step = record.get("step")
     if not isinstance(step, int) or not _is_number(step):
         raise MetricsError(f"{where}: step must be an integer, got {step!r}")

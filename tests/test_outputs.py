@@ -39,6 +39,14 @@ def test_each_printed_window_appends_a_json_line(tmp_path: Path) -> None:
         assert record["samples_per_s"] == pytest.approx(16 * 1000 / record["ms_per_it"])
 
 
+def test_an_inference_runs_reports_are_logged_as_inference(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    result = run_script(*TINY, "--num-batches=4", "--print-freq=2", "--inference-only", "--metrics-file", str(metrics))
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(r["phase"], r["iteration"]) for r in records] == [("inference", 2), ("inference", 4)]
+
+
 def test_a_full_disk_stops_the_metrics_file_not_the_training(tmp_path: Path) -> None:
     metrics = tmp_path / "metrics.jsonl"
     full_disk = subprocess.run(

@@ -57,6 +57,15 @@ def test_a_resumed_runs_later_lines_replace_the_steps_it_trained_again() -> None
     assert latest_per_step([*killed, test, *resumed]) == [killed[0], resumed[0], test, *resumed[1:]]
 
 
+def test_an_inference_runs_reports_are_drawn(tmp_path):
+    pytest.importorskip("matplotlib")
+    metrics = tmp_path / "evaluated.jsonl"
+    metrics.write_text("\n".join(metrics_line("inference", step, 0.6, 0.7) for step in (2, 4)) + "\n")
+    result = run_plot(str(metrics))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "evaluated.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
 def test_out_names_the_png(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "picture"  # still a PNG, whatever the suffix
@@ -93,7 +102,7 @@ def test_a_metrics_file_that_is_a_pipe_is_refused_not_waited_on(tmp_path):
     [
         ('{"phase": "train", "step": 1, "loss": 0.5,', "not JSON"),
         ("[1, 2]", "not a JSON object"),
-        ('{"phase": "valid", "step": 1, "loss": 0.5, "accuracy": 0.5}', "phase must be 'train' or 'test'"),
+        ('{"phase": "valid", "step": 1, "loss": 0.5, "accuracy": 0.5}', "phase must be 'train', 'inference' or 'test'"),
         ('{"phase": "train", "step": 1.5, "loss": 0.5, "accuracy": 0.5}', "step must be an integer"),
         ('{"phase": "train", "step": 1' + "0" * 400 + ', "loss": 0.5, "accuracy": 0.5}', "step must be an integer"),
         ('{"phase": "train", "step": 1, "loss": 1' + "0" * 400 + ', "accuracy": 0.5}', "loss must be a number"),
