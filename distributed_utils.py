@@ -50,6 +50,9 @@ def launched_ranks() -> Ranks | None:
             ranks = Ranks(_whole_number(rank), world_size, local_rank, local_world_size)
             if not 0 <= ranks.rank < ranks.world_size:
                 raise ValueError(f"{rank}={ranks.rank} does not fit {size}={ranks.world_size}")
+            if not 0 <= ranks.local_rank < ranks.local_world_size <= ranks.world_size:  # a GPU's index, cores' share
+                raise ValueError(f"{local}={ranks.local_rank} does not fit {local_size}={ranks.local_world_size} "
+                                 f"of {size}={ranks.world_size}")  # fmt: skip
             return ranks
     return None
 

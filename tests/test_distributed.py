@@ -242,6 +242,8 @@ def test_a_hung_self_started_rank_is_killed_after_the_grace(monkeypatch) -> None
         (dict(RANK="0", WORLD_SIZE="4"), ["-w", "2"], "--world_size 2: the launcher started 4 ranks"),
         (dict(RANK="5", WORLD_SIZE="2"), [], "RANK=5 does not fit WORLD_SIZE=2"),
         (dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="zero"), [], "LOCAL_RANK='zero': not a whole number"),
+        (dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="-1"), [], "LOCAL_RANK=-1 does not fit LOCAL_WORLD_SIZE=2"),
+        (dict(RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="0"), [], "LOCAL_RANK=0 does not fit LOCAL_WORLD_SIZE=0"),
         (
             dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="no-such-host.invalid", MASTER_PORT="29500"),
             [],
@@ -253,7 +255,8 @@ def test_a_hung_self_started_rank_is_killed_after_the_grace(monkeypatch) -> None
     ],
 )
 def test_bad_distributed_input_is_one_line_and_exit_2(monkeypatch, capsys, env, argv, message) -> None:
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK",
+                 "MASTER_ADDR", "MASTER_PORT"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
