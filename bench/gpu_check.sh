@@ -2,8 +2,9 @@
 # The GPU check (issue 4), "all": the CUDA tests, then the medium configuration eager and lazy in fp32 and bf16 with
 # --measure-perf, printing samples/s and peak GPU memory. "floor": the floor of bf16 lazy and whether its update can
 # overlap the products or fuse with them (bench/gpu_floor.py); "autotune": the floor with Inductor's max-autotune
-# too; "profile": the slowest GPU kernels of bf16 lazy. Uses the machine's own python3 (torch 2.11-2.14).
-# Usage: bash bench/gpu_check.sh [tests|medium|floor|autotune|all|profile] [num_batches]
+# too; "profile": the slowest GPU kernels of bf16 lazy; "decide": medium bf16 lazy, then the floor, in one call
+# that fits a GPU session's 15 minutes. Uses the machine's own python3 (torch 2.11-2.14).
+# Usage: bash bench/gpu_check.sh [tests|medium|floor|autotune|all|profile|decide] [num_batches]
 set -u
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -19,9 +20,11 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
         tests/test_criteo_training.py tests/test_fused_adagrad.py -k cuda 2>&1 | tail -25
 fi
 
-if [ "$what" = medium ] || [ "$what" = all ]; then
-    for mode in eager lazy; do
-        for dtype in fp32 bf16; do
+modes="eager lazy" dtypes="fp32 bf16"
+[ "$what" = decide ] && modes=lazy dtypes=bf16
+if [ "$what" = medium ] || [ "$what" = all ] || [ "$what" = decide ]; then
+    for mode in $modes; do
+        for dtype in $dtypes; do
             echo "== medium $dtype $mode ($batches batches, --measure-perf)"
             timeout 180 $python dlrm_s_pytorch.py --config "hb_configs/single_node_dlrm_${mode}_medium_${dtype}.yaml" \
                 --device cuda --measure-perf --num-batches "$batches" --print-freq $((batches / 2)) \
@@ -35,7 +38,7 @@ if [ "$what" = medium ] || [ "$what" = all ]; then
     done
 fi
 
-if [ "$what" = floor ]; then
+if [ "$what" = floor ] || [ "$what" = decide ]; then
     echo "== floor of medium bf16 lazy"
     timeout 300 $python -u bench/gpu_floor.py 2>&1 | grep -v Warning | tail -30
 fi
