@@ -293,8 +293,8 @@ class Sizes:
     bottom: list[int]  # ln_bot
     top: list[int]  # ln_top, the interaction width first
 
-    def parameters(self) -> int:
-        """The number of weights: the tables', and the linear layers' with their biases."""
+    def weight_count(self) -> int:
+        """The tables' weights, and the linear layers' with their biases."""
         linear = sum((n + 1) * m for layers in (self.bottom, self.top) for n, m in itertools.pairwise(layers))
         return sum(self.tables) * self.embedding_dim + linear
 
@@ -365,9 +365,9 @@ def _check_op_list(flag: str, path: str, expected: set[str]) -> None:
 def _check_model_fits(args: argparse.Namespace, sizes: Sizes) -> None:
     """Stop early, naming the flags, when the weights, optimizer state and a batch cannot fit in memory, or the
     weights cannot be exported to ONNX."""
-    if args.save_onnx and 4 * sizes.parameters() >= ONNX_LIMIT and not ONNX_INSTALLED:
+    weights = sizes.weight_count()
+    if args.save_onnx and 4 * weights >= ONNX_LIMIT and not ONNX_INSTALLED:
         raise UsageError(f"--save-onnx: {ONNX_NEEDED}")
-    weights = sizes.parameters()
     copies = 2 if args.optimizer == "adagrad" and not args.inference_only else 1
     activations = args.mini_batch_size * (sum(sizes.bottom) + sum(sizes.top)) * 3  # forward, backward, spare
     index_buffers = args.mini_batch_size * args.num_indices_per_lookup * len(sizes.tables) * 4  # 4 int32 buffers
