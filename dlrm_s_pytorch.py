@@ -533,8 +533,12 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
     if args.measure_perf and args.num_batches <= 0:
         raise UsageError("--measure-perf: needs --num-batches > 0 (the number of times to replay the batch)")
     if args.data_type != "bf16":
-        hmp_flags = {"--hmp-bf16": args.hmp_bf16, "--hmp-fp32": args.hmp_fp32, "--hmp-verbose": args.hmp_verbose}
-        hmp_flags["--hmp-opt-level O2"] = args.hmp_opt_level == "O2"
+        hmp_flags = {
+            "--hmp-bf16": args.hmp_bf16,
+            "--hmp-fp32": args.hmp_fp32,
+            "--hmp-verbose": args.hmp_verbose,
+            "--hmp-opt-level O2": args.hmp_opt_level == "O2",
+        }
         for flag, given in hmp_flags.items():
             if given:
                 raise UsageError(f"{flag}: applies only with --data_type bf16 (or --hmp)")
