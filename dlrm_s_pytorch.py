@@ -1311,15 +1311,16 @@ class Trainer:
         }
 
     def check_saved_model(self, state: dict) -> None:
-        """Each rank's file holds its own tables (or rows): N ranks' files load into N ranks only, to train or
-        to evaluate; checked first, as no weight of another plan would fit. A dot interaction's weights can fit a
-        cat model's too."""
+        """Stop unless the checkpoint was saved by as many ranks, and with the same ``MODEL_FLAGS``, as this run
+        (to train or to evaluate). Checked before the weights, whose shapes cannot tell: from other ranks, a split
+        table's shape would be named instead, and a dot interaction's weights can have a cat model's shapes."""
         if state["world_size"] != self.ranks.world_size:
             raise CheckpointError(f"--load-model {self.loaded_from}: saved by {state['world_size']} ranks, this run "
                                   f"has {self.ranks.world_size}")  # fmt: skip
         self.check_saved_flags(state.get("model", {}))  # not recorded in the checkpoints of earlier versions
 
     def check_saved_flags(self, saved: dict) -> None:
+        """Each flag the checkpoint recorded (by ``dest``) has the same value in this run."""
         for flag, value in saved.items():
             if getattr(self.args, flag) != value:
                 raise CheckpointError(f"--load-model {self.loaded_from}: saved with --{flag.replace('_', '-')} "
