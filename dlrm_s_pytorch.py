@@ -1588,7 +1588,8 @@ class ServingDLRM(nn.Module):
 
     def __init__(self, model: DLRM) -> None:
         super().__init__()
-        weights = [table.weight.detach().float().cpu() for table in model.embeddings]  # the trained ones, not copies
+        # not cloned: an fp32 table on the CPU is shared with the trained model, not held a second time
+        weights = [table.weight.detach().float().cpu() for table in model.embeddings]
         self.tables = nn.ModuleList(nn.EmbeddingBag.from_pretrained(w, freeze=False, mode="sum") for w in weights)
         self.dense = copy.deepcopy(model.dense).float().cpu()
         for layer in self.dense.modules():
