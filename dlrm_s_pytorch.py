@@ -1610,7 +1610,7 @@ def serving_inputs(batch: Batch) -> tuple[Tensor, ...]:
     return tuple(inputs)
 
 
-def gather_onnx_weights(model_file: Path, weights_name: str) -> None:
+def finish_large_onnx(model_file: Path, weights_name: str) -> None:
     """Over ONNX's 2 GB limit, torch writes each weight to a file of its own beside ``model_file``, named after the
     weight, and leaves out the types of some embedding bags' loop counters, which onnxruntime needs. Gather the
     weights into one file, ``weights_name`` beside it, and give the counters their types."""
@@ -1663,7 +1663,7 @@ def export_onnx(model: DLRM, batch: Batch, path: str) -> None:
             if apart:
                 if not ONNX_INSTALLED:
                     raise CheckpointError(f"--save-onnx {path}: {ONNX_NEEDED}")
-                gather_onnx_weights(exported, weights.name)
+                finish_large_onnx(exported, weights.name)
                 os.replace(exported.with_name(weights.name), weights)  # first: the model names it
             os.replace(exported, final)
     except OSError as e:
