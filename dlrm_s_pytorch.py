@@ -329,7 +329,6 @@ UNAVAILABLE = [
 ]  # fmt: skip
 
 ONNX_LIMIT = 2**31  # bytes: a protobuf file is smaller, so torch writes the weights of a larger model apart
-ONNX_WEIGHT_ALIGNMENT = 4096  # ONNX's external data: offsets at page multiples let a runtime map the weights
 ONNX_INSTALLED = importlib.util.find_spec("onnx") is not None
 ONNX_NEEDED = "a model over ONNX's 2 GB limit needs the onnx package to be written (requirements-extras.txt)"
 PROFILE_STEM = "dlrm_s_pytorch"
@@ -1608,6 +1607,9 @@ def serving_inputs(batch: Batch) -> tuple[Tensor, ...]:
         samples = batch.dense.size(0)  # a partial batch's buffers hold empty bags after its samples
         inputs += [bags.indices[: bags.num_indices].long().cpu(), bags.offsets[:samples].long().cpu()]
     return tuple(inputs)
+
+
+ONNX_WEIGHT_ALIGNMENT = 4096  # ONNX's external data: offsets at page multiples let a runtime map the weights
 
 
 def finish_large_onnx(model_file: Path, weights_name: str) -> None:
