@@ -1487,7 +1487,7 @@ class Trainer:
     def report(self, it: int, nbatches: int, epoch: int) -> None:
         window, self.window = self.window, Window(self.args.mini_batch_size)
         loss, accuracy, ms = window.read(it - len(window.stats) + 1, it, epoch)
-        phase = "training" if self.training else "inference"
+        phase, logged_phase = ("training", "train") if self.training else ("inference", "inference")
         shown = ms if self.args.print_time and ms is not None else -1  # -1: not measured
         print(
             f"Finished {phase} it {it}/{nbatches} of epoch {epoch}, {shown:.2f} ms/it, "
@@ -1497,8 +1497,8 @@ class Trainer:
         if self.args.log_device_mem_alloc:
             print(self.backend.memory_report())
         samples_per_s = self.args.mini_batch_size * 1000 / ms if ms else None
-        self.metrics.write(dict(phase="train" if self.training else "inference", epoch=epoch, iteration=it,
-                                step=self.position.iteration, loss=loss, accuracy=accuracy, auc=None, ms_per_it=ms,
+        self.metrics.write(dict(phase=logged_phase, epoch=epoch, iteration=it, step=self.position.iteration,
+                                loss=loss, accuracy=accuracy, auc=None, ms_per_it=ms,
                                 samples_per_s=samples_per_s))  # fmt: skip
 
     def test(self, it: int, epoch: int) -> bool:
