@@ -6,9 +6,8 @@ METRICS is the JSON Lines file the training script appends to at every print win
 a line: ``phase`` ("train", "inference" for the reports of an ``--inference-only`` run, or "test"), ``epoch``,
 ``iteration``, ``step`` (iterations since the start of training), ``loss``, ``accuracy`` (0..1), ``auc`` (test
 lines; null when not computed), ``ms_per_it`` and ``samples_per_s``. Where a resumed run wrote a step again, its
-later line is the one drawn. The picture goes to
-FILE.png (default: METRICS with the suffix .png), and its path is printed.
-Needs matplotlib (requirements-extras.txt); a problem is one line on stderr and exit status 2.
+later line is the one drawn. The picture goes to FILE.png (default: METRICS with the suffix .png), and its path
+is printed. Needs matplotlib (requirements-extras.txt); a problem is one line on stderr and exit status 2.
 """
 
 import argparse
