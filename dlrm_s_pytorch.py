@@ -1328,10 +1328,7 @@ class Trainer:
     def restore(self, state: dict) -> None:
         """Everything a resumed run needs to continue as if it had never stopped."""
         path = self.loaded_from
-        if state["optimizer"] != self.args.optimizer:
-            raise CheckpointError(f"--load-model {path}: saved with --optimizer {state['optimizer']}, "
-                                  f"this run uses {self.args.optimizer}")  # fmt: skip
-        self.check_saved_flags(state["data"])
+        self.check_saved_flags({"optimizer": state["optimizer"], **state["data"]})
         for shard, table in zip(self.model.shards, self.model.embeddings, strict=True):
             if table.moments is not None:
                 load_tensor(path, "Adagrad state of", str(shard), state["sparse_state"], table.moments)

@@ -313,7 +313,7 @@ def write_bad_files(tmp_path: Path, good: Path) -> dict[str, tuple[Path, list[st
                                                         "this model's is [9, 5]"),
         "saved by two ranks": (two_ranks, [], "saved by 2 ranks, this run has 1"),
         "evaluated from two ranks": (two_ranks, ["--inference-only"], "saved by 2 ranks, this run has 1"),
-        "other optimizer": (good, ["--optimizer=sgd"], "saved with --optimizer adagrad, this run uses sgd"),
+        "other optimizer": (good, ["--optimizer=sgd"], "saved with --optimizer adagrad, this run has sgd"),
         "other batch size": (good, ["--mini-batch-size=8"], "saved with --mini-batch-size 16, this run has 8"),
     }  # fmt: skip
 
