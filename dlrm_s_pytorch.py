@@ -387,6 +387,9 @@ def _check_data_flags(args: argparse.Namespace, parser: argparse.ArgumentParser)
                 raise UsageError(f"--{dest.replace('_', '-')}: applies only with --data-generation {kinds}")
     if args.data_generation != "dataset":
         return
+    for dest in ("test_freq", "test_mini_batch_size", "test_num_workers"):
+        if getattr(args, dest) < -1:
+            raise UsageError(f"--{dest.replace('_', '-')}: must be -1 (the default) or more, got {getattr(args, dest)}")
     for dest in TEST_FLAGS:
         if args.test_freq <= 0 and not args.inference_only and getattr(args, dest) != parser.get_default(dest):
             raise UsageError(f"--{dest.replace('_', '-')}: applies only with --test-freq (or --inference-only)")
@@ -477,9 +480,6 @@ def _check_run_flags(args: argparse.Namespace) -> None:
         _check_writable("--tensorboard", args.tensorboard, folder=True)
     for flag, written in _working_folder_files(args):
         _check_writable(flag, written)
-    for flag in ("test_freq", "test_mini_batch_size", "test_num_workers"):
-        if getattr(args, flag) < -1:
-            raise UsageError(f"--{flag.replace('_', '-')}: must be -1 (the default) or more, got {getattr(args, flag)}")
     if args.save_freq < 0:
         raise UsageError(f"--save-freq: must be zero or more, got {args.save_freq}")
     if args.save_freq and not args.save_model:
