@@ -441,11 +441,12 @@ def _working_folder_files(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def _check_no_overwrite(args: argparse.Namespace) -> None:
-    """No output file may be an input (the data, the config, the checkpoint loaded) or another output: the
-    checkpoint would replace the processed data, the ONNX model the checkpoint. Resuming in place
-    (``--load-model F --save-model F``) is fine: the checkpoint is written to a temporary file and renamed."""
+    """No output file may be an input (the script's own source, the data, the config, the checkpoint loaded) or
+    another output: the checkpoint would replace the processed data, the ONNX model the checkpoint. Resuming in
+    place (``--load-model F --save-model F``) is fine: the checkpoint is written to a temporary file and renamed."""
+    sources = [("training script's", str(path)) for path in Path(__file__).resolve().parent.glob("*.py")]
     files = [
-        ("--config", args.config), ("--raw-data-file", args.raw_data_file),
+        *sources, ("--config", args.config), ("--raw-data-file", args.raw_data_file),
         ("--processed-data-file", args.processed_data_file), ("--hmp-bf16", args.hmp_bf16),
         ("--hmp-fp32", args.hmp_fp32),
         ("--data-trace-file", args.data_trace_file if args.data_generation == "synthetic" else ""),

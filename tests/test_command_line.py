@@ -154,6 +154,13 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.parametrize("output", ["--save-model", "--metrics-file", "--save-onnx"])
+def test_an_output_over_the_scripts_own_source_is_refused(output: str) -> None:
+    source = ROOT / "data_utils.py"  # parsed only: a check that let it through would train nothing here
+    with pytest.raises(dlrm_s_pytorch.UsageError, match="would overwrite the training script's file"):
+        dlrm_s_pytorch.parse_command_line([f"{output}={source}"])
+
+
 @pytest.mark.parametrize("name", BAD_INPUTS)
 def test_bad_input_is_one_line_and_exit_2(name: str, capsys) -> None:
     argv, message = BAD_INPUTS[name]
