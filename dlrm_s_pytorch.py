@@ -333,11 +333,6 @@ ONNX_INSTALLED = importlib.util.find_spec("onnx") is not None
 ONNX_NEEDED = "a model over ONNX's 2 GB limit needs the onnx package to be written (requirements-extras.txt)"
 PROFILE_STEM = "dlrm_s_pytorch"
 GRAPH_STEM = "dlrm_s_pytorch_graph"
-# What these flags write in the working folder (the PDF only where Graphviz is installed)
-WORKING_FOLDER_FILES = {
-    "--enable-profiling": (f"{PROFILE_STEM}.json", f"{PROFILE_STEM}.prof"),
-    "--plot-compute-graph": (f"{GRAPH_STEM}.dot", f"{GRAPH_STEM}.pdf"),
-}
 PROCESSES_PER_CORE = 4  # loader processes, or self-started ranks: more only compete for the cores, and cost memory
 # Flags that only mean something with some kinds of data: the --data-generation values they apply to
 DATA_FLAGS = {
@@ -434,34 +429,49 @@ def _check_writable(flag: str, path: str, folder: bool = False) -> None:
         raise UsageError(f"{flag} {path}: cannot be written there")
 
 
-def _working_folder_files(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(flag, file) for each file ``WORKING_FOLDER_FILES`` says the run will write."""
-    asked = [flag for flag in WORKING_FOLDER_FILES if getattr(args, flag[2:].replace("-", "_"))]
-    return [(flag, file) for flag in asked for file in WORKING_FOLDER_FILES[flag]]
+def profile_stem(rank: int, world_size: int) -> str:
+    """The working-folder name of a rank's ``--enable-profiling`` files, without their suffixes."""
+    return f"{PROFILE_STEM}.rank{rank}" if world_size > 1 else PROFILE_STEM
 
 
-def _check_no_overwrite(args: argparse.Namespace) -> None:
+def _working_folder_files(args: argparse.Namespace, world_size: int) -> list[tuple[str, str]]:
+    """(flag, file) for each file the run writes in the working folder (the PDF only where Graphviz is installed)."""
+    files = []
+    if args.enable_profiling:
+        stems = [profile_stem(rank, world_size) for rank in range(world_size)]
+        files += [("--enable-profiling", f"{stem}{suffix}") for stem in stems for suffix in (".json", ".prof")]
+    if args.plot_compute_graph:
+        files += [("--plot-compute-graph", f"{GRAPH_STEM}{suffix}") for suffix in (".dot", ".pdf")]
+    return files
+
+
+def _check_no_overwrite(args: argparse.Namespace, world_size: int) -> None:
     """No output file may be an input (the script's own source, the data, the config, the checkpoint loaded) or
-    another output: the checkpoint would replace the processed data, the ONNX model the checkpoint. Resuming in
-    place (``--load-model F --save-model F``) is fine: the checkpoint is written to a temporary file and renamed."""
+    another output: the checkpoint would replace the processed data, the ONNX model the checkpoint. Every rank's
+    file counts. Resuming in place (``--load-model F --save-model F``) is fine: each rank's checkpoint is written
+    to a temporary file and renamed over the one it loaded."""
     sources = [("training script's", str(path)) for path in Path(__file__).resolve().parent.glob("*.py")]
     files = [
         *sources, ("--config", args.config), ("--raw-data-file", args.raw_data_file),
         ("--processed-data-file", args.processed_data_file), ("--hmp-bf16", args.hmp_bf16),
         ("--hmp-fp32", args.hmp_fp32),
         ("--data-trace-file", args.data_trace_file if args.data_generation == "synthetic" else ""),
-        ("--load-model", args.load_model),
-        ("--save-model", args.save_model), ("--metrics-file", args.metrics_file), ("--save-onnx", args.save_onnx),
-        ("--tensorboard", args.tensorboard), *_working_folder_files(args),
+        *[("--load-model", checkpoint_file(args.load_model, rank)) for rank in range(world_size) if args.load_model],
+        *[("--save-model", checkpoint_file(args.save_model, rank)) for rank in range(world_size) if args.save_model],
+        ("--metrics-file", args.metrics_file), ("--save-onnx", args.save_onnx), ("--tensorboard", args.tensorboard),
+        *_working_folder_files(args, world_size),
     ]  # fmt: skip
-    outputs = ["--save-model", "--metrics-file", "--save-onnx", "--tensorboard", *WORKING_FOLDER_FILES]
+    outputs = ["--save-model", "--metrics-file", "--save-onnx", "--tensorboard", "--enable-profiling",
+               "--plot-compute-graph"]  # fmt: skip
+    in_place = bool(args.load_model and args.save_model) and (
+        Path(args.load_model).resolve() == Path(args.save_model).resolve()
+    )
     seen = {}
     for flag, path in files:
         if not path:
             continue
-        where = Path(path).resolve()
-        other = seen.setdefault(where, flag)
-        if other != flag and flag in outputs and (other, flag) != ("--load-model", "--save-model"):
+        other = seen.setdefault(Path(path).resolve(), flag)
+        if other != flag and flag in outputs and not (in_place and (other, flag) == ("--load-model", "--save-model")):
             raise UsageError(f"{flag} {path}: would overwrite the {other} file")
 
 
@@ -474,12 +484,12 @@ def _check_run_flags(args: argparse.Namespace) -> None:
         path = getattr(args, flag)
         if path:
             _check_writable(f"--{flag.replace('_', '-')}", path)
-    _check_no_overwrite(args)
+    _check_no_overwrite(args, args.world_size)
     if args.load_model and not Path(args.load_model).exists():  # found out before the data is prepared
         raise UsageError(f"--load-model {args.load_model}: no such file")
     if args.tensorboard:
         _check_writable("--tensorboard", args.tensorboard, folder=True)
-    for flag, written in _working_folder_files(args):
+    for flag, written in _working_folder_files(args, args.world_size):
         _check_writable(flag, written)
     if args.save_freq < 0:
         raise UsageError(f"--save-freq: must be zero or more, got {args.save_freq}")
@@ -1744,6 +1754,7 @@ def join_ranks(args: argparse.Namespace, backend: Backend, ranks: Ranks | None) 
     if args.world_size not in (1, ranks.world_size):
         raise UsageError(f"--world_size {args.world_size}: the launcher started {ranks.world_size} ranks")
     _check_rank_flags(args, ranks.world_size, f"{ranks.world_size} ranks")
+    _check_no_overwrite(args, ranks.world_size)  # a launcher's ranks: their files are known only now
     try:
         distributed_utils.init_process_group(ranks, backend.process_group)
     except (RuntimeError, ValueError) as e:
@@ -1866,10 +1877,9 @@ def main(argv: list[str]) -> int:
         fp32_ops = "every other op" if args.hmp_opt_level == "O2" else ", ".join(sorted(FP32_OPS))
         print(f"bf16 ops: {', '.join(sorted(BF16_OPS))}; fp32 ops: {fp32_ops}")
 
-    profile_name = f"{PROFILE_STEM}.rank{ranks.rank}" if ranks.world_size > 1 else PROFILE_STEM
     try:
         trainer = build(args, sizes, backend, ranks)
-        with profiling(args.enable_profiling, backend.device_type, profile_name):
+        with profiling(args.enable_profiling, backend.device_type, profile_stem(ranks.rank, ranks.world_size)):
             code = trainer.run()
     except (UsageError, DataError, CheckpointError) as e:
         return fail(2, first_line(e))

@@ -110,6 +110,18 @@ BAD_INPUTS = {
         ["--metrics-file=dlrm_s_pytorch.prof", "--enable-profiling"],
         "--enable-profiling dlrm_s_pytorch.prof: would overwrite the --metrics-file file",
     ),
+    "rank 1's profile over the metrics": (
+        ["--metrics-file=dlrm_s_pytorch.rank1.json", "--enable-profiling", "-w", "2", "--mini-batch-size=4"],
+        "--enable-profiling dlrm_s_pytorch.rank1.json: would overwrite the --metrics-file file",
+    ),
+    "rank 1's checkpoint over the metrics": (
+        ["--save-model=m.pt", "--metrics-file=m.pt.rank1", "-w", "2", "--mini-batch-size=4"],
+        "--metrics-file m.pt.rank1: would overwrite the --save-model file",
+    ),
+    "rank 0's checkpoint over rank 1's loaded": (
+        ["--load-model=m.pt", "--save-model=m.pt.rank1", "-w", "2", "--mini-batch-size=4"],
+        "--save-model m.pt.rank1: would overwrite the --load-model file",
+    ),
     "tensorboard where the metrics go": (["--metrics-file=m", "--tensorboard=m"], "--tensorboard m: would overwrite"),
     "checkpoint over the data": (
         ["--data-generation=dataset", "--processed-data-file=d.npz", "--save-model=d.npz"],
@@ -159,6 +171,12 @@ def test_an_output_over_the_scripts_own_source_is_refused(output: str) -> None:
     source = ROOT / "data_utils.py"  # parsed only: a check that let it through would train nothing here
     with pytest.raises(dlrm_s_pytorch.UsageError, match="would overwrite the training script's file"):
         dlrm_s_pytorch.parse_command_line([f"{output}={source}"])
+
+
+def test_two_ranks_may_resume_in_place(tmp_path) -> None:
+    checkpoint = write(tmp_path, "m.pt", "")
+    argv = [f"--load-model={checkpoint}", f"--save-model={checkpoint}", "-w", "2", "--mini-batch-size=4"]
+    dlrm_s_pytorch.parse_command_line(argv)  # each rank's file is renamed over the one that rank loaded
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)

@@ -241,6 +241,11 @@ def test_a_hung_self_started_rank_is_killed_after_the_grace(monkeypatch) -> None
         (dict(RANK="0", WORLD_SIZE="3"), ["--mini-batch-size=16"], "is not divisible by 3 ranks"),
         (dict(RANK="0", WORLD_SIZE="4"), ["-w", "2"], "--world_size 2: the launcher started 4 ranks"),
         (dict(RANK="5", WORLD_SIZE="2"), [], "RANK=5 does not fit WORLD_SIZE=2"),
+        (
+            dict(RANK="0", WORLD_SIZE="2"),
+            ["--save-model=m.pt", "--metrics-file=m.pt.rank1"],
+            "--metrics-file m.pt.rank1: would overwrite the --save-model file",
+        ),
         (dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="zero"), [], "LOCAL_RANK='zero': not a whole number"),
         (dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="-1"), [], "LOCAL_RANK=-1 does not fit LOCAL_WORLD_SIZE=2"),
         (dict(RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="0"), [], "LOCAL_RANK=0 does not fit LOCAL_WORLD_SIZE=0"),
