@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import warnings
 from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Sequence
@@ -287,10 +286,9 @@ class TraceDataset(SeededBatches):
         for table, (file, rows) in enumerate(zip(files, self.tables, strict=True)):
             accesses = read[file].unique_accesses
             if min(accesses) < 0 or max(accesses) >= rows:
-                warnings.warn(
-                    f"trace file {file}: rows {min(accesses)}..{max(accesses)} do not fit table {table} of {rows} "
-                    f"rows; using them modulo {rows}, as the original did",
-                    stacklevel=2,
+                print(
+                    f"Warning: trace file {file}: rows {min(accesses)}..{max(accesses)} do not fit table {table} of "
+                    f"{rows} rows; using them modulo {rows}, as the original did"
                 )
 
     def _bags(self, rng: np.random.RandomState, n: int, table: int) -> tuple[Tensor, Tensor]:
