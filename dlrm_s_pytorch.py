@@ -698,12 +698,17 @@ def make_datasets(
     if args.data_generation == "random":
         return RandomDataset(args, sizes), None, sizes
     if args.data_generation == "synthetic":
-        try:
-            return trace_data.TraceDataset(args, sizes), None, sizes
-        except ValueError as e:  # a missing or malformed trace file
-            raise UsageError(f"--data-trace-file: {e}") from None
+        return trace_data.TraceDataset(args, sizes, read_traces(args, sizes)), None, sizes
     train_data, test_data = data_utils.criteo_datasets(args, data_utils.prepare(args))
     return train_data, test_data, dataset_sizes(args, train_data.counts, train_data.dense_features)
+
+
+def read_traces(args: argparse.Namespace, sizes: Sizes) -> list[trace_data.TraceDistribution]:
+    """The synthetic data's trace for each table."""
+    try:
+        return trace_data.read_table_traces(args.data_trace_file, len(sizes.tables))
+    except ValueError as e:  # a missing or malformed trace file
+        raise UsageError(f"--data-trace-file: {e}") from None
 
 
 def dataset_sizes(args: argparse.Namespace, tables: list[int], dense_features: int) -> Sizes:
@@ -1855,6 +1860,8 @@ def main(argv: list[str]) -> int:
                                  f"on each of this machine's {cores} cores")  # fmt: skip
             if args.data_generation == "dataset":
                 data_utils.prepare(args)  # once, before the ranks read it
+            if args.data_generation == "synthetic":
+                read_traces(args, sizes)  # a bad trace file is reported here once, not by every rank
             return distributed_utils.spawn_ranks([sys.executable, os.path.abspath(__file__), *argv], args.world_size)
         ranks = join_ranks(args, backend, launched)
     except (DeviceUnavailable, UsageError, DataError, ValueError) as e:

@@ -170,6 +170,13 @@ def _parse_line(path: str | os.PathLike, number: int, line: str, kind: type, wha
         ) from None
 
 
+def read_table_traces(template: str, tables: int) -> list[TraceDistribution]:
+    """Each of the ``tables`` tables' distribution, from its ``table_trace_file``; a file shared is read once."""
+    files = [table_trace_file(template, table) for table in range(tables)]
+    read = {file: read_trace_distribution(file) for file in dict.fromkeys(files)}
+    return [read[file] for file in files]
+
+
 def table_trace_file(template: str, table: int) -> str:
     """The trace file of ``table``: every "j" in the file name of ``template`` replaced by the table's number.
 
@@ -277,14 +284,13 @@ class TraceDataset(SeededBatches):
     for every bag), and each bag keeps its distinct rows, sorted, as the original.
     """
 
-    def __init__(self, args: argparse.Namespace, sizes: TableSizes) -> None:
+    def __init__(self, args: argparse.Namespace, sizes: TableSizes, distributions: list[TraceDistribution]) -> None:
+        """``distributions``: each table's, from ``read_table_traces``."""
         super().__init__(args, sizes)
         self.pad = args.data_trace_enable_padding
-        files = [table_trace_file(args.data_trace_file, table) for table in range(len(self.tables))]
-        read = {file: read_trace_distribution(file) for file in dict.fromkeys(files)}
-        self.distributions = [read[file] for file in files]
-        for table, (file, rows) in enumerate(zip(files, self.tables, strict=True)):
-            accesses = read[file].unique_accesses
+        self.distributions = distributions
+        for table, (distribution, rows) in enumerate(zip(distributions, self.tables, strict=True)):
+            file, accesses = table_trace_file(args.data_trace_file, table), distribution.unique_accesses
             if min(accesses) < 0 or max(accesses) >= rows:
                 print(
                     f"Warning: trace file {file}: rows {min(accesses)}..{max(accesses)} do not fit table {table} of "

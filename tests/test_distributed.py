@@ -256,6 +256,11 @@ def test_a_hung_self_started_rank_is_killed_after_the_grace(monkeypatch) -> None
         ),
         (dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="localhost", MASTER_PORT="abc"), [], "MASTER_PORT='abc': not"),
         (dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="localhost", MASTER_PORT="-1"), [], "MASTER_PORT=-1: not a port"),
+        (
+            {},
+            ["-w", "2", "--data-generation=synthetic", "--data-trace-file=/nonexistent/t.log"],
+            "--data-trace-file: trace file /nonexistent/t.log: cannot be read",  # by the launcher, once
+        ),
         ({}, ["-w", "2", "--device=cuda"], "--device cuda" if not torch.cuda.is_available() else "GPU per rank"),
     ],
 )

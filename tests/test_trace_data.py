@@ -32,7 +32,8 @@ def dataset(trace: str, tables: list[int], **overrides) -> TraceDataset:
         data_trace_enable_padding=False,
     )
     args.update(overrides)
-    return TraceDataset(SimpleNamespace(**args), SimpleNamespace(dense_features=3, tables=tables))
+    distributions = trace_data.read_table_traces(trace, len(tables))
+    return TraceDataset(SimpleNamespace(**args), SimpleNamespace(dense_features=3, tables=tables), distributions)
 
 
 def same(batch, other) -> bool:
