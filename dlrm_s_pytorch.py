@@ -832,8 +832,8 @@ def draw_table(rows: int, dim: int, start: int = 0, stop: int | None = None) -> 
     return weight
 
 
-def make_mlp(widths: list[int], sigmoid_last: bool, kernels: TorchKernels) -> nn.Sequential:
-    """Linear layers drawn from numpy's global generator, each followed by ReLU (Sigmoid last if asked)."""
+def make_mlp(widths: list[int], kernels: TorchKernels, last: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """Linear layers drawn from numpy's global generator, each followed by ReLU (by ``last``, the last one)."""
     layers = []
     for i, (n, m) in enumerate(itertools.pairwise(widths)):
         linear = Linear(n, m, kernels, device="meta")
@@ -841,8 +841,7 @@ def make_mlp(widths: list[int], sigmoid_last: bool, kernels: TorchKernels) -> nn
         bias = np.random.normal(0.0, math.sqrt(1 / m), size=m).astype(np.float32)
         linear.weight = nn.Parameter(torch.from_numpy(weight))
         linear.bias = nn.Parameter(torch.from_numpy(bias))
-        last = i == len(widths) - 2
-        layers += [linear, nn.Sigmoid() if last and sigmoid_last else nn.ReLU()]
+        layers += [linear, last() if i == len(widths) - 2 else nn.ReLU()]
     return nn.Sequential(*layers)
 
 
@@ -865,10 +864,8 @@ class DensePath(nn.Module):
 
     def __init__(self, args: argparse.Namespace, sizes: Sizes, kernels: TorchKernels) -> None:
         super().__init__()
-        self.bottom_mlp = make_mlp(sizes.bottom, sigmoid_last=False, kernels=kernels)
-        self.top_mlp = make_mlp(sizes.top, sigmoid_last=True, kernels=kernels)
-        if args.hmp_opt_level == "O2":
-            self.top_mlp[-1] = Fp32Sigmoid()
+        self.bottom_mlp = make_mlp(sizes.bottom, kernels)
+        self.top_mlp = make_mlp(sizes.top, kernels, last=Fp32Sigmoid if args.hmp_opt_level == "O2" else nn.Sigmoid)
         self.interaction, self.loss_threshold = args.arch_interaction_op, args.loss_threshold
         self.loss_function, self.bf16 = args.loss_function, args.data_type == "bf16"
         features = len(sizes.tables) + 1

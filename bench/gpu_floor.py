@@ -49,8 +49,8 @@ class Mlps(nn.Module):
     def __init__(self, bottom: list[int], top: list[int]) -> None:
         super().__init__()
         kernels = TorchKernels()
-        self.bottom = make_mlp(bottom, sigmoid_last=False, kernels=kernels)
-        self.top = make_mlp(top, sigmoid_last=True, kernels=kernels)
+        self.bottom = make_mlp(bottom, kernels)
+        self.top = make_mlp(top, kernels, last=nn.Sigmoid)
 
     def forward(self, dense: Tensor, pooled: Tensor, targets: Tensor) -> Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
