@@ -1862,7 +1862,7 @@ def main(argv: list[str]) -> int:
             return distributed_utils.spawn_ranks([sys.executable, os.path.abspath(__file__), *argv], args.world_size)
         ranks = join_ranks(args, backend, launched)
     except (DeviceUnavailable, UsageError, DataError, ValueError) as e:
-        return fail(2, str(e))
+        return fail(2, first_line(e))
     if ranks.rank != 0 and not args.print_all_ranks:
         sys.stdout = open(os.devnull, "w")  # for the life of the process
     if ranks.local_world_size > 1 and backend.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -1901,7 +1901,7 @@ def main(argv: list[str]) -> int:
         try:
             export(args, trainer)
         except CheckpointError as e:
-            return fail(2, str(e))
+            return fail(2, first_line(e))
     if not dist.is_initialized():
         return code
     dist.barrier()
