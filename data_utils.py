@@ -163,6 +163,22 @@ class CriteoFiles:
         """Ours only: beside a processed file (for the day files: beside the stem), the flags it was made with."""
         return made.with_name(f"{made.name.split('.')[0]}_made_with.json")
 
+    def kept_files(self) -> list[Path]:
+        """The files of the data set that an output must not replace: the raw text, the processed files and the
+        records beside them (for Terabyte, the days whose raw files exist)."""
+        bins = [self.bin_file(split) for split in ("train", "test", "val")]
+        files = [self.processed, self.record(self.processed), *bins, self.record(bins[0])]
+        if self.raw is None:
+            return files
+        if self.data_set == "terabyte":
+            raw_days = [Path(f"{self.raw}_{day}") for day in sorted(_terabyte_day_numbers(self.raw))]
+        else:
+            raw_days = [self.raw] * KAGGLE_DAYS
+        per_day = [[raw, self.day_file(day), self.day_progress_file(day)] for day, raw in enumerate(raw_days)]
+        per_feature = [[self.dictionary_file(j), self.lookup_file(j)] for j in range(SPARSE_FEATURES)]
+        shared = [self.counts_file, self.day_count_file, self.record(self.stem)]
+        return [*files, *itertools.chain(*per_day, *per_feature), *shared]
+
     def require_raw(self, purpose: str) -> Path:
         if self.raw is None:
             raise DataError(f"--raw-data-file: needed to find {purpose} (they sit beside the raw data)")
@@ -178,11 +194,16 @@ class CriteoFiles:
         return [raw]
 
 
-def _terabyte_days(prefix: Path) -> list[Path]:
-    """``day_0`` .. ``day_{k-1}``: none missing, and at least two (the last one is the test day)."""
+def _terabyte_day_numbers(prefix: Path) -> set[int]:
+    """The numbers of the raw day files ``<prefix>_0``, ``<prefix>_1``, ... that exist."""
     day_name = re.compile(rf"{re.escape(prefix.name)}_(0|[1-9][0-9]*)")
     candidates = prefix.parent.glob(f"{glob.escape(prefix.name)}_*")
-    found = {int(match[1]) for path in candidates if (match := day_name.fullmatch(path.name)) and path.is_file()}
+    return {int(match[1]) for path in candidates if (match := day_name.fullmatch(path.name)) and path.is_file()}
+
+
+def _terabyte_days(prefix: Path) -> list[Path]:
+    """``day_0`` .. ``day_{k-1}``: none missing, and at least two (the last one is the test day)."""
+    found = _terabyte_day_numbers(prefix)
     if not found:
         raise DataError(f"--raw-data-file {prefix}: no Terabyte day files ({prefix}_0 does not exist)")
     missing = ", ".join(f"{prefix.name}_{day}" for day in range(max(found)) if day not in found)

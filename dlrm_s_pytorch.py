@@ -446,16 +446,19 @@ def _working_folder_files(args: argparse.Namespace, world_size: int) -> list[tup
 
 
 def _check_no_overwrite(args: argparse.Namespace, world_size: int) -> None:
-    """No output file may be an input (the script's own source, the data, the config, the checkpoint loaded) or
-    another output: the checkpoint would replace the processed data, the ONNX model the checkpoint. Every rank's
-    file counts. Resuming in place (``--load-model F --save-model F``) is fine: each rank's checkpoint is written
-    to a temporary file and renamed over the one it loaded."""
+    """No output file may be an input (the script's own source, the data and the files made from it, the config,
+    the checkpoint loaded) or another output: the checkpoint would replace the processed data, the ONNX model the
+    checkpoint. Every rank's file counts. Resuming in place (``--load-model F --save-model F``) is fine: each
+    rank's checkpoint is written to a temporary file and renamed over the one it loaded."""
     sources = [("training script's", str(path)) for path in Path(__file__).resolve().parent.glob("*.py")]
+    on_criteo = args.data_generation == "dataset"
+    criteo_files = data_utils.CriteoFiles.from_args(args).kept_files() if on_criteo else []
     files = [
         *sources, ("--config", args.config), ("--raw-data-file", args.raw_data_file),
         ("--processed-data-file", args.processed_data_file), ("--hmp-bf16", args.hmp_bf16),
         ("--hmp-fp32", args.hmp_fp32),
         ("--data-trace-file", args.data_trace_file if args.data_generation == "synthetic" else ""),
+        *[("Criteo data's", str(path)) for path in criteo_files],
         *[("--load-model", checkpoint_file(args.load_model, rank)) for rank in range(world_size) if args.load_model],
         *[("--save-model", checkpoint_file(args.save_model, rank)) for rank in range(world_size) if args.save_model],
         ("--metrics-file", args.metrics_file), ("--save-onnx", args.save_onnx), ("--tensorboard", args.tensorboard),

@@ -127,6 +127,10 @@ BAD_INPUTS = {
         ["--data-generation=dataset", "--processed-data-file=d.npz", "--save-model=d.npz"],
         "--save-model d.npz: would overwrite the --processed-data-file file",
     ),
+    "checkpoint over a processed day": (
+        ["--data-generation=dataset", "--raw-data-file=train.txt", "--save-model=train_day_2_processed.npz"],
+        "--save-model train_day_2_processed.npz: would overwrite the Criteo data's file",
+    ),
     "more batches than an index": (["--num-batches=99999999999999999999"], "--num-batches: must be below 2**62"),
     "learning rate beyond float32": (["--learning-rate=1e39"], "--learning-rate: must fit in float32, got 1e+39"),
     "loss weights without wbce": (["--loss-weights=5-9"], "--loss-weights: applies only with --loss-function wbce"),
@@ -171,6 +175,16 @@ def test_an_output_over_the_scripts_own_source_is_refused(output: str) -> None:
     source = ROOT / "data_utils.py"  # parsed only: a check that let it through would train nothing here
     with pytest.raises(dlrm_s_pytorch.UsageError, match="would overwrite the training script's file"):
         dlrm_s_pytorch.parse_command_line([f"{output}={source}"])
+
+
+@pytest.mark.parametrize("name", ["day_2", "day_fea_dict_25.npz", "terabyte_processed_test.bin"])
+def test_an_output_over_a_terabyte_file_is_refused(tmp_path, name: str) -> None:
+    for day in range(3):
+        write(tmp_path, f"day_{day}", "")
+    argv = ["--data-generation=dataset", "--data-set=terabyte", f"--raw-data-file={tmp_path / 'day'}"]
+    with pytest.raises(dlrm_s_pytorch.UsageError, match=f"{name}: would overwrite the Criteo data's file"):
+        dlrm_s_pytorch.parse_command_line([*argv, f"--metrics-file={tmp_path / name}"])
+    dlrm_s_pytorch.parse_command_line([*argv, f"--metrics-file={tmp_path / 'day_3'}"])  # no such day: not data
 
 
 def test_two_ranks_may_resume_in_place(tmp_path) -> None:
