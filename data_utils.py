@@ -53,6 +53,7 @@ DENSE_FEATURES = 13
 SPARSE_FEATURES = 26
 FIELDS = 1 + DENSE_FEATURES + SPARSE_FEATURES
 FIELD_NAMES = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
+BIN_RECORD_BYTES = 4 * FIELDS  # a row of a .bin file: one int32 a field
 KAGGLE_DAYS = 7
 TERABYTE_DAYS = 24
 CHUNK_BYTES = 8 << 20  # raw text handed to a worker at a time
@@ -415,7 +416,7 @@ def _prepare_bins(args: argparse.Namespace, files: CriteoFiles) -> Processed:
 
 def _check_bin(path: Path, rows: int) -> None:
     """A bin file cut short (a copy that stopped) must not pass for whole: it would train on fewer rows."""
-    size, expected = path.stat().st_size, rows * 4 * FIELDS
+    size, expected = path.stat().st_size, rows * BIN_RECORD_BYTES
     if size != expected:
         raise DataError(f"{path}: {size} bytes, expected {expected} ({rows} rows); {REMAKE}")
 
@@ -1619,9 +1620,9 @@ class BinBatches(torch.utils.data.Dataset):
         self, path: Path, batch_size: int, counts: list[int], max_ind_range: int, shuffle_seed: int | None = None
     ) -> None:
         size = path.stat().st_size
-        if size % (4 * FIELDS):
-            raise DataError(f"{path}: {size} bytes is not a whole number of {4 * FIELDS}-byte records")
-        self.path, self.rows, self.batch_size = path, size // (4 * FIELDS), batch_size
+        if size % BIN_RECORD_BYTES:
+            raise DataError(f"{path}: {size} bytes is not a whole number of {BIN_RECORD_BYTES}-byte records")
+        self.path, self.rows, self.batch_size = path, size // BIN_RECORD_BYTES, batch_size
         self.counts, self.max_ind_range, self.shuffle_seed = counts, max_ind_range, shuffle_seed
         self.epoch = 0
         self._records: np.ndarray | None = None
