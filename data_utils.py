@@ -76,6 +76,7 @@ class DataError(Exception):
 
 
 REMAKE = "delete it to make it again from the raw data"  # the advice for a processed file that cannot be used
+RAW_DATA_CHANGED = "the raw data changed since; delete the processed files to start over"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -527,8 +528,7 @@ def _preprocess(args: argparse.Namespace, files: CriteoFiles) -> None:
     rows_per_day = _load_day_counts(files)
     if len(rows_per_day) != len(days):
         raise DataError(
-            f"{files.day_count_file}: counts {len(rows_per_day)} days, the raw data has {len(days)}: "
-            "the raw data changed since; delete the processed files to start over"
+            f"{files.day_count_file}: counts {len(rows_per_day)} days, the raw data has {len(days)}: {RAW_DATA_CHANGED}"
         )
     missing = {day: chunks for day, chunks in enumerate(days) if not files.day_file(day).exists()}
     if missing:
@@ -1120,7 +1120,7 @@ class DayWriter:
         if self.rows != self.expected_rows:
             raise DataError(
                 f"{self.path}: the raw data gives {self.rows} rows, {self.day_count_file} says {self.expected_rows}: "
-                "the raw data changed since; delete the processed files to start over"
+                f"{RAW_DATA_CHANGED}"
             )
         members = {}
         for name, width in self.WIDTHS.items():
