@@ -1361,7 +1361,7 @@ def _member_blocks(path: Path, name: str, dtype: type, block_rows: int) -> Itera
             rows = min(block_rows, shape[0] - start)
             data = stream.read(rows * row_bytes)
             if len(data) != rows * row_bytes:
-                raise DataError(f"{path}: array {name} is truncated")
+                raise _damaged(path, f"array {name} is cut short")
             yield np.frombuffer(data, stored).reshape(rows, *shape[1:]).astype(dtype)
 
 

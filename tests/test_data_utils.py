@@ -877,10 +877,13 @@ def test_a_bad_crc_in_the_processed_file_names_it(tmp_path: Path) -> None:
         data_utils.criteo_datasets(args, data_utils.prepare(args))
 
 
-def test_memory_map_refuses_an_array_cut_short(tmp_path: Path) -> None:
-    """Mapping reads no CRC; an array that its member does not hold whole would be read from the next member."""
-    args = make_args(write_kaggle(tmp_path, 700), memory_map=True)
-    data_utils.prepare(args)
+@pytest.mark.parametrize("memory_map", [True, False])
+def test_an_array_cut_short_is_refused(tmp_path: Path, memory_map: bool) -> None:
+    """Mapping reads no CRC; an array that its member does not hold whole would be read from the next member.
+    Concatenating the day files reads them a block at a time, and says the same."""
+    raw = write_kaggle(tmp_path, 700)
+    data_utils.prepare(make_args(raw, memory_map=True))
+    args = make_args(raw, memory_map=memory_map)
     path = tmp_path / "train_day_2_processed.npz"
     arrays = load(path)
     with zipfile.ZipFile(path, "w") as archive:
