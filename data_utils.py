@@ -784,20 +784,8 @@ def _learn_vocabularies(
     with _worker_pool(workers) as pool:
         results = _in_order(pool, partial(_chunk_vocabulary, options), chunks, ahead=2 * workers)
         for day in range(resume_at, len(days)):
-            rows, bad, problem = 0, 0, ""
-            run, day_runs = [Vocabulary() for _ in range(SPARSE_FEATURES)], []
-            for result in itertools.islice(results, len(days[day])):
-                for vocabulary, values in zip(run, result.values, strict=True):
-                    vocabulary.add(values)
-                rows, bad, problem = rows + result.rows, bad + result.bad_lines, problem or result.problem
-                progress.add(result.lines)
-                if sum(len(vocabulary) for vocabulary in run) >= RUN_VALUES:
-                    day_runs.append(_save_run(files.run_file(day, len(day_runs)), run))
-                    run = [Vocabulary() for _ in range(SPARSE_FEATURES)]
-            if any(len(vocabulary) for vocabulary in run):
-                day_runs.append(_save_run(files.run_file(day, len(day_runs)), run))
-            _save_day_progress(files.day_progress_file(day), len(day_runs), rows, bad, problem)
-            bad_lines.record(day, bad, problem)
+            day_results = itertools.islice(results, len(days[day]))
+            rows, day_runs = _save_day_runs(files, day, day_results, progress, bad_lines)
             rows_per_day.append(rows)
             runs += day_runs
         progress.close()
@@ -806,6 +794,27 @@ def _learn_vocabularies(
         counts = list(_in_order(pool, partial(_merge_runs, files, runs), range(SPARSE_FEATURES), SPARSE_FEATURES))
     _write_npz(files.day_count_file, {"total_per_file": np.array(rows_per_day, np.int64)})
     _write_npz(files.counts_file, {"counts": np.array(counts, np.int32)})  # the last vocabulary file
+
+
+def _save_day_runs(
+    files: CriteoFiles, day: int, results: Iterable[ChunkVocabulary], progress: Progress, bad_lines: BadLines
+) -> tuple[int, list[Path]]:
+    """Save the day's runs from its chunks' vocabularies, then its progress file; return its rows and runs."""
+    rows, bad, problem = 0, 0, ""
+    run, day_runs = [Vocabulary() for _ in range(SPARSE_FEATURES)], []
+    for result in results:
+        for vocabulary, values in zip(run, result.values, strict=True):
+            vocabulary.add(values)
+        rows, bad, problem = rows + result.rows, bad + result.bad_lines, problem or result.problem
+        progress.add(result.lines)
+        if sum(len(vocabulary) for vocabulary in run) >= RUN_VALUES:
+            day_runs.append(_save_run(files.run_file(day, len(day_runs)), run))
+            run = [Vocabulary() for _ in range(SPARSE_FEATURES)]
+    if any(len(vocabulary) for vocabulary in run):
+        day_runs.append(_save_run(files.run_file(day, len(day_runs)), run))
+    _save_day_progress(files.day_progress_file(day), len(day_runs), rows, bad, problem)
+    bad_lines.record(day, bad, problem)
+    return rows, day_runs
 
 
 def _save_run(path: Path, run: list[Vocabulary]) -> Path:
