@@ -45,6 +45,11 @@ class DeviceUnavailable(Exception):
     """The device asked for is not on this machine."""
 
 
+def _check_optimizer(name: str) -> None:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Host-side preprocessing
 # ---------------------------------------------------------------------------------------------------------
@@ -304,8 +309,7 @@ class EmbeddingBag(nn.Module):
 
     def set_optimizer(self, name: str, lr: float) -> None:
         """SGD or Adagrad (the state starts at zero) on the rows each batch touches."""
-        if name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {name!r}")
+        _check_optimizer(name)
         self.optimizer = name, lr
         self.moments = torch.zeros_like(self.weight.detach()) if name == "adagrad" else None
 
@@ -365,8 +369,7 @@ class DenseOptimizer:
     """
 
     def __init__(self, params: list[nn.Parameter], name: str, lr: float, chunk: int | None = DENSE_CHUNK) -> None:
-        if name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {name!r}")
+        _check_optimizer(name)
         self.name, self.lr, self.chunk = name, lr, chunk
         self.state = {p: torch.zeros_like(p) for p in params} if name == "adagrad" else {}
         self._hooks = [p.register_post_accumulate_grad_hook(self._update) for p in params]
@@ -405,8 +408,7 @@ class CompiledDenseOptimizer:
     def __init__(
         self, params: list[nn.Parameter], name: str, lr: float, bf16_copies: list[Tensor] | None = None
     ) -> None:
-        if name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {name!r}")
+        _check_optimizer(name)
         self.params, self.name, self.lr, self.copies = params, name, lr, bf16_copies
         self.state = [torch.zeros_like(p) for p in params] if name == "adagrad" else []
         self._update = torch.compile(self.update_all, fullgraph=True, dynamic=False)
