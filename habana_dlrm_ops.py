@@ -372,7 +372,8 @@ class DenseOptimizer:
         _check_optimizer(name)
         self.name, self.lr, self.chunk = name, lr, chunk
         self.state = {p: torch.zeros_like(p) for p in params} if name == "adagrad" else {}
-        self._hooks = [p.register_post_accumulate_grad_hook(self._update) for p in params]
+        for param in params:
+            param.register_post_accumulate_grad_hook(self._update)
 
     def step(self) -> None:
         """Nothing is left to do after backward: every parameter was updated as its gradient arrived."""
