@@ -482,7 +482,7 @@ class Backend:
     warmup_iterations = 1  # lazy mode: iterations that compile, kept out of ms/it
     bf16_copies = True  # lazy bf16: the optimizer keeps bf16 copies of the weights
 
-    def __init__(self, lazy: bool, local_rank: int = 0) -> None:
+    def __init__(self, lazy: bool) -> None:
         self.lazy = lazy
         self.device = torch.device(self.device_type)
         self.kernels = TorchKernels()
@@ -654,7 +654,7 @@ class HPUBackend(Backend):
     process_group = "hccl"
     bf16_copies = False
 
-    def __init__(self, lazy: bool, local_rank: int = 0) -> None:
+    def __init__(self, lazy: bool) -> None:
         super().__init__(lazy)
         self.core = importlib.import_module("habana_frameworks.torch.core")
         self.hpu = importlib.import_module("habana_frameworks.torch.hpu")
@@ -721,19 +721,19 @@ def select_backend(
     """``device`` is auto, cpu, cuda or hpu; auto takes a Gaudi card, else a GPU, else the CPU.
 
     ``no_habana`` (``--no-habana``) rules the Gaudi card out and ``use_gpu`` (``--use-gpu``) asks for the GPU,
-    as in the original.
+    as in the original. ``local_rank`` picks the rank's GPU.
     """
     flag = f"--device {device}"
     if device == "auto" and use_gpu:
         device, flag = "cuda", "--use-gpu"
     if device == "auto":
         if not no_habana and _habana_bridge(lazy):
-            return HPUBackend(lazy, local_rank)
+            return HPUBackend(lazy)
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "hpu":
         if not _habana_bridge(lazy):
             raise DeviceUnavailable(f"{flag}: no Gaudi card here (habana_frameworks.torch does not import)")
-        return HPUBackend(lazy, local_rank)
+        return HPUBackend(lazy)
     if device == "cuda":
         if not torch.cuda.is_available():
             raise DeviceUnavailable(f"{flag}: no CUDA GPU here (torch.cuda.is_available() is False)")
