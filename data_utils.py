@@ -332,8 +332,7 @@ def _prepare_concatenated(args: argparse.Namespace, files: CriteoFiles) -> Proce
         _status(f"Writing {files.processed}")
         _concatenate(days.day_files, days.rows_per_day, days.counts, files.processed)
     total = _check_concatenated(files.processed)
-    with _reading(files.processed), np.load(files.processed) as data:
-        counts = [int(count) for count in data["counts"]]
+    counts = _load_integers(files.processed, "counts", (SPARSE_FEATURES,))
     return Processed(counts, _rows_per_day(files, total), concatenated=files.processed)
 
 
@@ -384,15 +383,18 @@ def _days_complete(files: CriteoFiles) -> bool:
 
 
 def _load_day_counts(files: CriteoFiles) -> list[int]:
-    _check_arrays(files.day_count_file, {"total_per_file": (None,)})
-    with _reading(files.day_count_file), np.load(files.day_count_file) as data:
-        return [int(rows) for rows in data["total_per_file"]]
+    return _load_integers(files.day_count_file, "total_per_file", (None,))
 
 
 def _load_counts(files: CriteoFiles) -> list[int]:
-    _check_arrays(files.counts_file, {"counts": (SPARSE_FEATURES,)})
-    with _reading(files.counts_file), np.load(files.counts_file) as data:
-        return [int(count) for count in data["counts"]]
+    return _load_integers(files.counts_file, "counts", (SPARSE_FEATURES,))
+
+
+def _load_integers(path: Path, name: str, shape: tuple[int | None]) -> list[int]:
+    """A 1-d array of an npz file, checked to have the shape (None: any length), as Python integers."""
+    _check_arrays(path, {name: shape})
+    with _reading(path), np.load(path) as data:
+        return [int(value) for value in data[name]]
 
 
 def _prepare_bins(args: argparse.Namespace, files: CriteoFiles) -> Processed:
