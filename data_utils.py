@@ -1083,21 +1083,33 @@ def _write_days(
     with _worker_pool(workers, _set_worker_lookups, (lookups,)) as pool:
         results = _in_order(pool, partial(_chunk_rows, options), chunks, ahead=2 * workers)
         for day, day_chunks in days.items():
-            bad, problem = 0, ""
-            with DayWriter(files.day_file(day), rows_per_day[day], files.day_count_file) as writer:
-                for chunk in day_chunks:
-                    result = next(results)
-                    if result.unknown_feature is not None:
-                        raise DataError(
-                            f"{chunk.path}: a C{result.unknown_feature + 1} value is not in "
-                            f"{files.lookup_file(result.unknown_feature)}: the vocabularies were made from other "
-                            "data or flags (--max-ind-range, --data-sub-sample-rate); delete them to start over"
-                        )
-                    writer.append(result)
-                    bad, problem = bad + result.bad_lines, problem or result.problem
-                    progress.add(result.lines)
-            bad_lines.record(day, bad, problem)
+            day_results = zip(day_chunks, itertools.islice(results, len(day_chunks)), strict=True)
+            _write_day(files, day, rows_per_day[day], day_results, progress, bad_lines)
     progress.close()
+
+
+def _write_day(
+    files: CriteoFiles,
+    day: int,
+    rows: int,
+    results: Iterable[tuple[Chunk, ChunkRows]],
+    progress: Progress,
+    bad_lines: BadLines,
+) -> None:
+    """Write the day's processed file from its chunks' rows."""
+    bad, problem = 0, ""
+    with DayWriter(files.day_file(day), rows, files.day_count_file) as writer:
+        for chunk, result in results:
+            if result.unknown_feature is not None:
+                raise DataError(
+                    f"{chunk.path}: a C{result.unknown_feature + 1} value is not in "
+                    f"{files.lookup_file(result.unknown_feature)}: the vocabularies were made from other "
+                    "data or flags (--max-ind-range, --data-sub-sample-rate); delete them to start over"
+                )
+            writer.append(result)
+            bad, problem = bad + result.bad_lines, problem or result.problem
+            progress.add(result.lines)
+    bad_lines.record(day, bad, problem)
 
 
 class DayWriter:
