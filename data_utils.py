@@ -1222,12 +1222,12 @@ def _integer_fields(buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray)
 
 
 def _digits(
-    buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray, digit_value: np.ndarray, base: int, most: int
+    buffer: np.ndarray, starts: np.ndarray, lengths: np.ndarray, digit_value: np.ndarray, base: int, max_digits: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The numbers written in the fields (at most ``most`` digits each), and whether each field is valid."""
+    """The numbers written in the fields, and whether each field is valid: digits only, ``max_digits`` at most."""
     values = np.zeros(starts.shape, np.int64)
-    valid = lengths <= most
-    for k in range(most):
+    valid = lengths <= max_digits
+    for k in range(max_digits):
         inside = k < lengths
         digit = digit_value[buffer[np.where(inside, starts + k, 0)]]
         valid &= ~inside | (digit >= 0)
