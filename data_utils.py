@@ -479,7 +479,7 @@ def _status(message: str) -> None:
 
 @dataclass(frozen=True)
 class Chunk:
-    """A run of whole lines of one raw file, all in one day."""
+    """A stretch of whole lines of one raw file, all in one day."""
 
     path: str
     start: int  # byte offsets
