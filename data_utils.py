@@ -830,8 +830,8 @@ def _save_run(path: Path, run: list[Vocabulary]) -> Path:
 
 
 def _save_day_progress(path: Path, runs: int, rows: int, bad: int, problem: str) -> None:
-    counts = {"runs": np.array(runs), "rows": np.array(rows), "bad_lines": np.array(bad), "problem": np.array(problem)}
-    _write_npz(path, counts)
+    members = {"runs": np.array(runs), "rows": np.array(rows), "bad_lines": np.array(bad), "problem": np.array(problem)}
+    _write_npz(path, members)
 
 
 def _load_day_progress(files: CriteoFiles, day: int, bad_lines: BadLines) -> tuple[int, list[Path]]:
