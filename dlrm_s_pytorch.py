@@ -513,7 +513,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
         if not value >= (1 if dest in positive else 0) or not math.isfinite(value):
             bound = "positive" if dest in positive else "zero or more"
             raise UsageError(f"--{dest.replace('_', '-')}: must be {bound}, got {value}")
-    for dest in ("mini_batch_size", "num_indices_per_lookup", "num_batches", "nepochs", "data_size"):
+    for dest in ("mini_batch_size", "num_indices_per_lookup", "num_batches", "nepochs", "data_size", "max_ind_range"):
         if getattr(args, dest) >= 2**62:
             raise UsageError(f"--{dest.replace('_', '-')}: must be below 2**62, got {getattr(args, dest)}")
     if args.learning_rate > torch.finfo(torch.float32).max:

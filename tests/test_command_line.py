@@ -132,6 +132,10 @@ BAD_INPUTS = {
         "--save-model train_day_2_processed.npz: would overwrite the Criteo data's file",
     ),
     "more batches than an index": (["--num-batches=99999999999999999999"], "--num-batches: must be below 2**62"),
+    "index range past an index": (
+        ["--data-generation=dataset", "--raw-data-file=x", "--max-ind-range=99999999999999999999"],
+        "--max-ind-range: must be below 2**62",
+    ),
     "learning rate beyond float32": (["--learning-rate=1e39"], "--learning-rate: must fit in float32, got 1e+39"),
     "loss weights without wbce": (["--loss-weights=5-9"], "--loss-weights: applies only with --loss-function wbce"),
     "infinite loss weight": (["--loss-function=wbce", "--loss-weights=inf-1"], "--loss-weights: must be finite"),
