@@ -104,6 +104,8 @@ class CriteoFiles:
             processed = raw.parent / f"{default}.npz"
         else:
             raise DataError("--raw-data-file or --processed-data-file: one of them must name the data")
+        if raw is not None and processed.resolve() == raw.resolve():  # its 'damaged, delete it' would be the raw data
+            raise DataError(f"--processed-data-file {processed}: is the --raw-data-file; name a file of its own")
         return cls(args.data_set, raw, processed)
 
     @property

@@ -647,6 +647,16 @@ def test_missing_inputs_name_the_flag_and_the_path(tmp_path: Path) -> None:
         data_utils.prepare(make_args(processed_data_file=tmp_path / "p.npz"))
 
 
+def test_a_processed_file_that_is_the_raw_data_is_refused(tmp_path: Path) -> None:
+    """Read as a processed file, the raw text is 'damaged; delete it to make it again': the advice would lose it."""
+    raw = write_kaggle(tmp_path, 100)
+    (tmp_path / "link.npz").symlink_to(raw)
+    for processed in (raw, tmp_path / "link.npz"):
+        with pytest.raises(DataError, match=f"^--processed-data-file {processed}: is the --raw-data-file; name a"):
+            data_utils.prepare(make_args(raw, processed_data_file=processed))
+    assert not list(tmp_path.glob("*_processed.npz"))
+
+
 def test_terabyte_days_must_run_without_a_gap_and_be_two_at_least(tmp_path: Path) -> None:
     prefix = write_terabyte(tmp_path, days=5, rows_per_day=20)
     (tmp_path / "day_1").unlink()
