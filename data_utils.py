@@ -106,7 +106,21 @@ class CriteoFiles:
             raise DataError("--raw-data-file or --processed-data-file: one of them must name the data")
         if raw is not None and processed.resolve() == raw.resolve():  # its 'damaged, delete it' would be the raw data
             raise DataError(f"--processed-data-file {processed}: is the --raw-data-file; name a file of its own")
-        return cls(args.data_set, raw, processed)
+        files = cls(args.data_set, raw, processed)
+        if raw is not None:
+            files._check_records_apart()
+        return files
+
+    def _check_records_apart(self) -> None:
+        """The day files' record of flags must be theirs alone (``train.npz`` beside ``train.txt`` would share it):
+        making the other files rewrites it, and day files made with other flags would pass for made with these."""
+        days = self.record(self.stem).resolve()
+        for made in (self.processed, self.bin_file("train")):
+            if self.record(made).resolve() == days:
+                raise DataError(
+                    f"--processed-data-file {self.processed}: {made.name} would record its flags in {days.name}, "
+                    "where the day files beside the raw data keep theirs; give it another name"
+                )
 
     @property
     def stem(self) -> Path:

@@ -250,6 +250,20 @@ def test_processed_files_made_with_other_flags_are_not_used(tmp_path: Path) -> N
         data_utils.prepare(make_args(**{**vars(sub_sampled), "numpy_rand_seed": 5}))
 
 
+def test_a_processed_file_that_would_share_the_day_files_record_is_refused(tmp_path: Path) -> None:
+    """``train.npz`` beside ``train.txt`` records its flags in ``train_made_with.json``, the day files' record: making
+    it rewrote that, and day files made with -1 were then used for --max-ind-range 7, silently."""
+    raw = write_kaggle(tmp_path, 300)
+    data_utils.prepare(make_args(raw, memory_map=True))
+    record = (tmp_path / "train_made_with.json").read_text()
+    for name in ("train.npz", "train.v2.npz"):
+        shared = f"^--processed-data-file {tmp_path}/{name}: {name} would record its flags in train_made_with.json, "
+        with pytest.raises(DataError, match=shared):
+            data_utils.prepare(make_args(raw, processed_data_file=tmp_path / name, max_ind_range=7))
+    assert (tmp_path / "train_made_with.json").read_text() == record
+    assert not (tmp_path / "train.npz").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Memory-map mode, the bin loader, the original's files
 # ---------------------------------------------------------------------------------------------------------
