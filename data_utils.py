@@ -1548,17 +1548,21 @@ def _load_concatenated(path: Path) -> ArrayRows:
     _status(f"Reading {path}")
     with _reading(path), np.load(path) as data:
         dense, categorical, labels = data["X_int"], data["X_cat"], data["y"]
-    _check_labels(labels, path)
+    _check_rows(dense, labels, path)
     if categorical.dtype != np.int32:  # the original stored ids as float64
         _check_ids(categorical, path)
         categorical = categorical.astype(np.int32)
     return ArrayRows(dense, categorical, labels)
 
 
-def _check_labels(labels: np.ndarray, path: Path) -> None:
+def _check_rows(dense: np.ndarray, labels: np.ndarray, path: Path) -> None:
+    """Labels 0 or 1, integer features 0 or more (the original's preprocessing made negatives 0): the batches hold
+    log(x + 1) of them, and a negative one stopped training at 'scores not finite', blaming --learning-rate."""
     wrong = labels[(labels != 0) & (labels != 1)]
     if wrong.size:
         raise DataError(f"{path}: label {wrong[0]} is not 0 or 1; {REMAKE}")
+    if dense.size and not dense.min() >= 0:
+        raise DataError(f"{path}: integer feature {dense.min()} is below 0; {REMAKE}")
 
 
 def _check_ids(ids: np.ndarray, path: Path) -> None:
@@ -1602,7 +1606,7 @@ class DayRows:
             local = rows[here] - self.starts[day]
             day_dense, day_categorical, day_labels = self._days[day]
             dense[here], categorical[here], labels[here] = day_dense[local], day_categorical[local], day_labels[local]
-            _check_labels(labels[here], self.day_files[day])
+            _check_rows(dense[here], labels[here], self.day_files[day])
             if categorical.dtype != np.int32:
                 _check_ids(categorical[here], self.day_files[day])
         return dense, categorical, labels
@@ -1681,7 +1685,7 @@ class BinBatches(torch.utils.data.Dataset):
         start = self._batch_position(index) * self.batch_size
         records = self._records[start : start + self.batch_size]
         dense, categorical = records[:, 1 : 1 + DENSE_FEATURES], records[:, 1 + DENSE_FEATURES :]
-        _check_labels(records[:, 0], self.path)
+        _check_rows(dense, records[:, 0], self.path)
         return _batch(dense, categorical, records[:, 0], self.max_ind_range)
 
     def _batch_position(self, index: int) -> int:

@@ -920,30 +920,41 @@ def test_an_array_cut_short_is_refused(tmp_path: Path, memory_map: bool) -> None
         data_utils.prepare(args)
 
 
+SPOILT_VALUES = {  # (array, column, value): what the error says
+    "label": ("y", None, 2, "label 2 is not 0 or 1"),
+    "negative integer": ("X_int", 2, -5, "integer feature -5 is below 0"),  # log(x + 1) of it: not finite
+}
+
+
 @pytest.mark.parametrize("loading", ["in memory", "memory-mapped", "bin"])
-def test_a_label_other_than_0_or_1_in_processed_files_is_refused(tmp_path: Path, loading: str) -> None:
+@pytest.mark.parametrize("spoil", SPOILT_VALUES)
+def test_a_label_or_integer_feature_out_of_range_in_processed_files_is_refused(
+    tmp_path: Path, loading: str, spoil: str
+) -> None:
+    name, column, value, problem = SPOILT_VALUES[spoil]
+    at = np.s_[123] if column is None else np.s_[123, column]
     raw = tmp_path / "train.txt"
     if loading == "in memory":
         args = make_args(processed_data_file=tmp_path / "p.npz")
         arrays = write_upstream_processed(args.processed_data_file, 700)
-        arrays["y"][123] = 2
+        arrays[name][at] = value
         np.savez(args.processed_data_file, **arrays)
         spoilt = args.processed_data_file
     elif loading == "memory-mapped":
         args = make_args(raw, memory_map=True)
-        write_upstream_days(raw, [100] * 7)
+        write_upstream_days(raw, [200] * 7)
         spoilt = tmp_path / "train_day_2_processed.npz"
         arrays = load(spoilt)
-        arrays["y"][23] = 2
+        arrays[name][at] = value
         np.savez(spoilt, **arrays)
     else:
         args = make_args(write_kaggle(tmp_path, 700), mlperf_bin_loader=True)
         spoilt = data_utils.prepare(args).bin_files["train"]
         records = np.fromfile(spoilt, np.int32).reshape(-1, 40)
-        records[223, 0] = 2
+        records[223, 0 if column is None else 1 + column] = value
         records.tofile(spoilt)
 
-    with pytest.raises(DataError, match=f"^{spoilt}: label 2 is not 0 or 1; {data_utils.REMAKE}$"):
+    with pytest.raises(DataError, match=f"^{spoilt}: {problem}; {data_utils.REMAKE}$"):
         all_rows(data_utils.criteo_datasets(args, data_utils.prepare(args))[0])  # read at once, or batch by batch
 
 
