@@ -178,8 +178,9 @@ class CriteoFiles:
 
     @staticmethod
     def record(made: Path) -> Path:
-        """Ours only: beside a processed file (for the day files: beside the stem), the flags it was made with."""
-        return made.with_name(f"{made.name.split('.')[0]}_made_with.json")
+        """Ours only: beside a processed file (for the day files: beside the stem), the flags it was made with. Named
+        after all of the name but its suffix: ``c.full.npz`` and ``c.m100.npz`` must not share one."""
+        return made.with_name(f"{Path(made.name).stem}_made_with.json")
 
     def kept_files(self) -> list[Path]:
         """The files of the data set that an output must not replace: the raw text, the processed files and the

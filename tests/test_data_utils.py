@@ -256,12 +256,25 @@ def test_a_processed_file_that_would_share_the_day_files_record_is_refused(tmp_p
     raw = write_kaggle(tmp_path, 300)
     data_utils.prepare(make_args(raw, memory_map=True))
     record = (tmp_path / "train_made_with.json").read_text()
-    for name in ("train.npz", "train.v2.npz"):
-        shared = f"^--processed-data-file {tmp_path}/{name}: {name} would record its flags in train_made_with.json, "
-        with pytest.raises(DataError, match=shared):
-            data_utils.prepare(make_args(raw, processed_data_file=tmp_path / name, max_ind_range=7))
+    shared = f"^--processed-data-file {tmp_path}/train.npz: train.npz would record its flags in train_made_with.json, "
+    with pytest.raises(DataError, match=shared):
+        data_utils.prepare(make_args(raw, processed_data_file=tmp_path / "train.npz", max_ind_range=7))
     assert (tmp_path / "train_made_with.json").read_text() == record
     assert not (tmp_path / "train.npz").exists()
+
+
+def test_processed_files_whose_names_differ_after_a_dot_keep_their_own_records(tmp_path: Path) -> None:
+    """``c.full.npz`` and ``c.m7.npz`` both recorded their flags in ``c_made_with.json``: making the second rewrote
+    the first's record, which then let it pass for made with --max-ind-range 7."""
+    raw = write_kaggle(tmp_path, 300)
+    full, folded = tmp_path / "c.full.npz", tmp_path / "c.m7.npz"
+    data_utils.prepare(make_args(raw, processed_data_file=full))
+    for made in [*tmp_path.glob("train_*.npz"), tmp_path / "train_made_with.json"]:
+        made.unlink()  # the day files of -1 go, so that those of 7 can be made
+    data_utils.prepare(make_args(raw, processed_data_file=folded, max_ind_range=7))
+    with pytest.raises(DataError, match=f"^--max-ind-range 7: {full} was made with --max-ind-range -1 "):
+        data_utils.prepare(make_args(raw, processed_data_file=full, max_ind_range=7))
+    data_utils.prepare(make_args(raw, processed_data_file=full))
 
 
 # ---------------------------------------------------------------------------------------------------------
