@@ -1840,7 +1840,7 @@ def fail(code: int, message: str) -> int:
 def main(argv: list[str]) -> int:
     try:
         args, sizes, env = parse_command_line(argv)
-    except UsageError as e:
+    except (UsageError, DataError) as e:  # DataError: the Criteo files' names, looked at for the overwrite check
         print(f"dlrm_s_pytorch.py: error: {e}", file=sys.stderr)
         return 2
     apply_environment(env, argv)

@@ -131,6 +131,10 @@ BAD_INPUTS = {
         ["--data-generation=dataset", "--raw-data-file=train.txt", "--save-model=train_day_2_processed.npz"],
         "--save-model train_day_2_processed.npz: would overwrite the Criteo data's file",
     ),
+    "processed file that is the raw data": (
+        ["--data-generation=dataset", "--raw-data-file=train.txt", "--processed-data-file=train.txt"],
+        "--processed-data-file train.txt: is the --raw-data-file",
+    ),
     "more batches than an index": (["--num-batches=99999999999999999999"], "--num-batches: must be below 2**62"),
     "index range past an index": (
         ["--data-generation=dataset", "--raw-data-file=x", "--max-ind-range=99999999999999999999"],
