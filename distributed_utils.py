@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +26,7 @@ from torch import Tensor
 
 TIMEOUT_S = 45  # a rank that died or hangs stops the others within this, with an error
 SPAWN_POLL_S = 0.2
+ORPHAN_POLL_S = 1.0
 STOP_GRACE_S = TIMEOUT_S + 15  # a self-started rank asked to stop is killed after this: it may hang, or be stopped
 
 
@@ -55,6 +57,19 @@ def launched_ranks() -> Ranks | None:
                                  f"of {size}={ranks.world_size}")  # fmt: skip
             return ranks
     return None
+
+
+def stop_when_orphaned() -> None:
+    """A rank whose launcher is killed outright (kill -9) would train on alone to its end: it is sent SIGTERM, as
+    by a launcher that stops it, so it saves its checkpoint and stops with the other ranks."""
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(ORPHAN_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _whole_number(name: str, default: int | None = None) -> int:

@@ -1848,6 +1848,8 @@ def main(argv: list[str]) -> int:
         print("Environment from --config: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     try:
         launched = distributed_utils.launched_ranks()
+        if launched is not None:
+            distributed_utils.stop_when_orphaned()
         local_rank = launched.local_rank if launched else 0
         backend = select_backend(args.device, args.mode == "lazy", args.no_habana, args.use_gpu, local_rank)
         gpus = torch.cuda.device_count()

@@ -1,5 +1,7 @@
 """Hybrid-parallel training (SPEC §7) with gloo on this machine: 2 ranks against 1, the launchers, failures."""
 
+import contextlib
+import os
 import re
 import signal
 import subprocess
@@ -39,6 +41,14 @@ def run_ranks(argv: list[str], world_size: int = 2, timeout: float = 300) -> lis
         stdout, stderr = p.communicate(timeout=timeout)
         results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout.decode(), stderr.decode()))
     return results
+
+
+def kill_processes_naming(path: Path) -> None:
+    """Kill every process whose command line names ``path``."""
+    for process in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if str(path) in (process / "cmdline").read_text():
+                os.kill(int(process.name), signal.SIGKILL)
 
 
 def whole_tables(parts: dict[str, torch.Tensor], dim: int) -> dict[int, torch.Tensor]:
@@ -122,6 +132,24 @@ def test_sigterm_to_the_world_size_launcher_saves_every_rank(tmp_path: Path) -> 
     launcher.send_signal(signal.SIGTERM)
     out, _ = launcher.communicate(timeout=60)
     assert launcher.returncode == 128 + signal.SIGTERM
+    stopped = re.search(r"^Stopped by SIGTERM after it (\d+)/", out, re.M)
+    assert stopped, out
+    positions = [torch.load(tmp_path / name, weights_only=True)["position"] for name in ("m.pt", "m.pt.rank1")]
+    assert positions[0] == positions[1] and positions[0]["iteration"] == int(stopped[1])
+
+
+def test_ranks_whose_launcher_is_killed_outright_save_and_stop(tmp_path: Path) -> None:
+    argv = [*TINY[:-1], *CASES["tables-cat-adagrad"], "--num-batches=100000", "--print-freq=20"]
+    command = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *argv, "--world_size=2"]
+    launcher = subprocess.Popen([*command, "--save-model", str(tmp_path / "m.pt")], stdout=subprocess.PIPE, text=True)
+    for line in launcher.stdout:
+        if line.startswith("Finished training it 20/"):
+            break
+    launcher.kill()
+    try:
+        out, _ = launcher.communicate(timeout=60)  # to the output's end: the ranks hold the pipe until they stop
+    finally:
+        kill_processes_naming(tmp_path)  # ranks still running: the check failed
     stopped = re.search(r"^Stopped by SIGTERM after it (\d+)/", out, re.M)
     assert stopped, out
     positions = [torch.load(tmp_path / name, weights_only=True)["position"] for name in ("m.pt", "m.pt.rank1")]
