@@ -215,13 +215,26 @@ def _read_text(flag: str, path: str) -> str:
         raise UsageError(f"{flag} {path}: not a text file") from None
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML would keep the last one silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value in lines:
+                problem = f"{key.value!r} is given twice, on lines {lines[key.value]} and {key.start_mark.line + 1}"
+                raise yaml.constructor.ConstructorError(None, None, problem)
+            lines[key.value] = key.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], dict[str, str]]:
     """Read an ``hb_configs`` YAML file into command-line arguments and environment variables."""
     text = _read_text("--config", path)
     try:
         if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
             raise UsageError(f"--config {path}: YAML aliases (*name) are not supported")  # they can expand without end
-        config = yaml.safe_load(text)
+        config = yaml.load(text, Loader=_ConfigLoader)
     except yaml.YAMLError as e:
         raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except RecursionError:

@@ -231,6 +231,10 @@ def test_bad_input_is_one_line_and_exit_2(name: str, capsys) -> None:
         ("model: dlrm\nparameters: {save-onnx: false}\n", "'save-onnx' is the YAML boolean False"),
         ("model: dlrm\nparameters: {save-model: yes}\n", "'save-model' is the YAML boolean True"),
         ("model: dlrm\n1: a\n", "unknown key '1'"),
+        (
+            "model: dlrm\nparameters:\n  mini-batch-size: 8\n  mini-batch-size: 16\n",
+            "not valid YAML ('mini-batch-size' is given twice, on lines 3 and 4)",
+        ),
         ("model: dlrm\nparameters: &a {mini-batch-size: 8}\nenv_variables: *a\n", "YAML aliases (*name)"),
         ("model: " + "[" * 1000 + "]" * 1000 + "\n", "nested too deeply"),  # deeper only parses longer
     ],
