@@ -196,6 +196,11 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _flag_name(dest: str) -> str:
+    """``mini_batch_size`` -> ``--mini-batch-size``, as the command line spells the flag."""
+    return "--" + dest.replace("_", "-")
+
+
 CONFIG_KEYS = {"model", "env_variables", "parameters"}
 
 
@@ -392,15 +397,15 @@ def _check_data_flags(args: argparse.Namespace, parser: argparse.ArgumentParser)
         for dest in dests:
             if args.data_generation not in generations and getattr(args, dest) != parser.get_default(dest):
                 kinds = " or ".join(generations)
-                raise UsageError(f"--{dest.replace('_', '-')}: applies only with --data-generation {kinds}")
+                raise UsageError(f"{_flag_name(dest)}: applies only with --data-generation {kinds}")
     if args.data_generation != "dataset":
         return
     for dest in ("test_freq", "test_mini_batch_size", "test_num_workers"):
         if getattr(args, dest) < -1:
-            raise UsageError(f"--{dest.replace('_', '-')}: must be -1 (the default) or more, got {getattr(args, dest)}")
+            raise UsageError(f"{_flag_name(dest)}: must be -1 (the default) or more, got {getattr(args, dest)}")
     for dest in TEST_FLAGS:
         if args.test_freq <= 0 and not args.inference_only and getattr(args, dest) != parser.get_default(dest):
-            raise UsageError(f"--{dest.replace('_', '-')}: applies only with --test-freq (or --inference-only)")
+            raise UsageError(f"{_flag_name(dest)}: applies only with --test-freq (or --inference-only)")
     if args.test_freq > 0 and args.inference_only:
         raise UsageError("--test-freq: applies only to training (--inference-only evaluates the test split once)")
     if not args.raw_data_file and not args.processed_data_file:
@@ -413,18 +418,18 @@ def _check_data_flags(args: argparse.Namespace, parser: argparse.ArgumentParser)
         raise UsageError("--mlperf-bin-shuffle: applies only with --mlperf-bin-loader")
     for dest in ("mlperf_acc_threshold", "mlperf_auc_threshold"):
         if not 0.0 <= getattr(args, dest) < 1.0:
-            raise UsageError(f"--{dest.replace('_', '-')}: must be in [0, 1), got {getattr(args, dest)}")
+            raise UsageError(f"{_flag_name(dest)}: must be in [0, 1), got {getattr(args, dest)}")
 
 
 def _check_rank_flags(args: argparse.Namespace, world_size: int, counted_by: str) -> None:
     """The flags that depend on the number of ranks (``counted_by``: where that number came from)."""
-    for flag in ("mini_batch_size", "test_mini_batch_size"):
-        size = getattr(args, flag)
+    for dest in ("mini_batch_size", "test_mini_batch_size"):
+        size = getattr(args, dest)
         if size > 0 and size % world_size:
-            raise UsageError(f"--{flag.replace('_', '-')} {size} is not divisible by {counted_by}")
-    for flag in ("save_onnx", "plot_compute_graph"):
-        if getattr(args, flag) and world_size > 1:
-            raise UsageError(f"--{flag.replace('_', '-')}: needs one rank (distributed, each rank holds some tables)")
+            raise UsageError(f"{_flag_name(dest)} {size} is not divisible by {counted_by}")
+    for dest in ("save_onnx", "plot_compute_graph"):
+        if getattr(args, dest) and world_size > 1:
+            raise UsageError(f"{_flag_name(dest)}: needs one rank (distributed, each rank holds some tables)")
 
 
 def _check_writable(flag: str, path: str, folder: bool = False) -> None:
@@ -493,13 +498,13 @@ def _check_no_overwrite(args: argparse.Namespace, world_size: int) -> None:
 
 def _check_run_flags(args: argparse.Namespace) -> None:
     _check_rank_flags(args, args.world_size, f"--world_size {args.world_size}")
-    for flag in ("load_model", "processed_data_file"):
-        if getattr(args, flag):
-            _check_input_file(f"--{flag.replace('_', '-')}", getattr(args, flag))
-    for flag in ("save_model", "metrics_file", "save_onnx"):
-        path = getattr(args, flag)
+    for dest in ("load_model", "processed_data_file"):
+        if getattr(args, dest):
+            _check_input_file(_flag_name(dest), getattr(args, dest))
+    for dest in ("save_model", "metrics_file", "save_onnx"):
+        path = getattr(args, dest)
         if path:
-            _check_writable(f"--{flag.replace('_', '-')}", path)
+            _check_writable(_flag_name(dest), path)
     _check_no_overwrite(args, args.world_size)
     if args.load_model and not Path(args.load_model).exists():  # found out before the data is prepared
         raise UsageError(f"--load-model {args.load_model}: no such file")
@@ -525,10 +530,10 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
         value = getattr(args, dest)
         if not value >= (1 if dest in positive else 0) or not math.isfinite(value):
             bound = "positive" if dest in positive else "zero or more"
-            raise UsageError(f"--{dest.replace('_', '-')}: must be {bound}, got {value}")
+            raise UsageError(f"{_flag_name(dest)}: must be {bound}, got {value}")
     for dest in ("mini_batch_size", "num_indices_per_lookup", "num_batches", "nepochs", "data_size", "max_ind_range"):
         if getattr(args, dest) >= 2**62:
-            raise UsageError(f"--{dest.replace('_', '-')}: must be below 2**62, got {getattr(args, dest)}")
+            raise UsageError(f"{_flag_name(dest)}: must be below 2**62, got {getattr(args, dest)}")
     if args.learning_rate > torch.finfo(torch.float32).max:
         raise UsageError(f"--learning-rate: must fit in float32, got {args.learning_rate}")
     if args.loss_weights != _loss_weights(parser.get_default("loss_weights")) and args.loss_function != "wbce":
@@ -538,7 +543,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
     cores = data_utils.usable_cores()
     for dest in ("num_workers", "test_num_workers"):
         if getattr(args, dest) > PROCESSES_PER_CORE * cores:
-            raise UsageError(f"--{dest.replace('_', '-')} {getattr(args, dest)}: more than {PROCESSES_PER_CORE} loader "
+            raise UsageError(f"{_flag_name(dest)} {getattr(args, dest)}: more than {PROCESSES_PER_CORE} loader "
                              f"processes for each of this machine's {cores} cores")  # fmt: skip
     if args.num_batches == 0 and args.data_size < 1:
         raise UsageError(f"--data-size: must be positive (or --num-batches set), got {args.data_size}")
@@ -732,7 +737,7 @@ def dataset_sizes(args: argparse.Namespace, tables: list[int], dense_features: i
     from_data = {"arch_embedding_size": list(tables), "arch_mlp_bot": [dense_features, *args.arch_mlp_bot[1:]]}
     for dest, value in from_data.items():
         if getattr(args, dest) != value:
-            print(f"--{dest.replace('_', '-')} {'-'.join(map(str, value))}: from the data")
+            print(f"{_flag_name(dest)} {'-'.join(map(str, value))}: from the data")
             setattr(args, dest, value)
     sizes = model_sizes(args)
     _check_model_fits(args, sizes)
@@ -1349,10 +1354,10 @@ class Trainer:
 
     def check_saved_flags(self, saved: dict) -> None:
         """Each flag the checkpoint recorded (by ``dest``) has the same value in this run."""
-        for flag, value in saved.items():
-            if getattr(self.args, flag) != value:
-                raise CheckpointError(f"--load-model {self.loaded_from}: saved with --{flag.replace('_', '-')} "
-                                      f"{value}, this run has {getattr(self.args, flag)}")  # fmt: skip
+        for dest, value in saved.items():
+            if getattr(self.args, dest) != value:
+                raise CheckpointError(f"--load-model {self.loaded_from}: saved with {_flag_name(dest)} "
+                                      f"{value}, this run has {getattr(self.args, dest)}")  # fmt: skip
 
     def restore(self, state: dict) -> None:
         """Everything a resumed run needs to continue as if it had never stopped."""
