@@ -1,8 +1,8 @@
 """DLRM training: the Habana Gaudi port's script, runnable on a CPU, an NVIDIA GPU or a Gaudi card.
 
 Read top to bottom: the command line and its checks, the data (random, trace-driven or Criteo) and its
-preprocessing, the model, the training loop with its tests, checkpoints and metrics, and the export for serving.
-``../shared/SPEC.md`` is the contract this file keeps.
+preprocessing, the model, the training loop with its tests, checkpoints and metrics, the export for serving, and
+last ``main``, which puts them together. ``../shared/SPEC.md`` is the contract this file keeps.
 
     python dlrm_s_pytorch.py --config hb_configs/small.yaml
 """
@@ -601,7 +601,7 @@ def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, Sizes, dict
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Data: random batches, generated and preprocessed in the loader (so worker processes can prefetch them)
+# Data: random, trace-driven or Criteo batches, preprocessed in the loader (so worker processes can prefetch them)
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -1277,6 +1277,26 @@ class Position:
         return position
 
 
+LIBC = ctypes.CDLL(None)  # the C library this process runs on
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
+
+
+def reuse_freed_host_memory() -> None:
+    """Keep the host memory training frees for its next iteration, under glibc (elsewhere nothing changes).
+
+    By default glibc maps allocations over a few MB on their own and returns them, and the top of its heap, when
+    freed; the kernel then zeroes the pages of every iteration's activations, weight casts and gradients again.
+    Serving every allocation from a heap that is never trimmed made the medium step on the CPU 10-20 % faster in
+    eager mode and 20-25 % in lazy mode. Lazy mode calls this once compiling is over: kept, the compiler's own
+    allocations raised the peak by 0.25 GB.
+    """
+    mallopt = getattr(LIBC, "mallopt", None)
+    if mallopt is None:
+        return
+    mallopt(M_MMAP_MAX, 0)  # no allocation gets its own mapping
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # freed memory at the top of the heap stays
+
+
 TEST_BATCHES_BETWEEN_STOP_CHECKS = 16  # with several ranks, each check waits for all of them
 
 
@@ -1736,6 +1756,23 @@ def plot_compute_graph(model: DLRM, batch: Batch) -> None:
     print(f"Compute graph written to {drawn}")
 
 
+def export(args: argparse.Namespace, trainer: Trainer) -> None:
+    """``--save-onnx`` and ``--plot-compute-graph``, from one batch of the data."""
+    if not (args.save_onnx or args.plot_compute_graph):
+        return
+    loader = trainer.test_loader or trainer.train_loader
+    batch = next(iter(epoch_batches(loader, 0, 0, None)))
+    if args.save_onnx:
+        export_onnx(trainer.model, batch, args.save_onnx)
+    if args.plot_compute_graph:
+        plot_compute_graph(trainer.model, batch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Putting it together: the environment, the ranks, the set-up and main
+# ---------------------------------------------------------------------------------------------------------
+
+
 @contextlib.contextmanager
 def profiling(enabled: bool, device_type: str, name: str = PROFILE_STEM) -> Iterator[None]:
     """With ``--enable-profiling``: a torch.profiler trace (``name``.json) and a table of the slowest ops
@@ -1809,42 +1846,10 @@ def build(args: argparse.Namespace, sizes: Sizes, backend: Backend, ranks: Ranks
     return Trainer(args, model, backend, (train_loader, test_loader), ranks, checkpoint)
 
 
-LIBC = ctypes.CDLL(None)  # the C library this process runs on
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
-
-
-def reuse_freed_host_memory() -> None:
-    """Keep the host memory training frees for its next iteration, under glibc (elsewhere nothing changes).
-
-    By default glibc maps allocations over a few MB on their own and returns them, and the top of its heap, when
-    freed; the kernel then zeroes the pages of every iteration's activations, weight casts and gradients again.
-    Serving every allocation from a heap that is never trimmed made the medium step on the CPU 10-20 % faster in
-    eager mode and 20-25 % in lazy mode. Lazy mode calls this once compiling is over: kept, the compiler's own
-    allocations raised the peak by 0.25 GB.
-    """
-    mallopt = getattr(LIBC, "mallopt", None)
-    if mallopt is None:
-        return
-    mallopt(M_MMAP_MAX, 0)  # no allocation gets its own mapping
-    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # freed memory at the top of the heap stays
-
-
 def whole_batches(loader: torch.utils.data.DataLoader) -> int:
     """Batches of the full size: all of them, or all but a partial last one."""
     count = len(loader.dataset)
     return count - (count > 0 and loader.dataset[count - 1][0].size(0) < loader.collate_fn.batch_size)
-
-
-def export(args: argparse.Namespace, trainer: Trainer) -> None:
-    """``--save-onnx`` and ``--plot-compute-graph``, from one batch of the data."""
-    if not (args.save_onnx or args.plot_compute_graph):
-        return
-    loader = trainer.test_loader or trainer.train_loader
-    batch = next(iter(epoch_batches(loader, 0, 0, None)))
-    if args.save_onnx:
-        export_onnx(trainer.model, batch, args.save_onnx)
-    if args.plot_compute_graph:
-        plot_compute_graph(trainer.model, batch)
 
 
 def fail(code: int, message: str) -> int:
@@ -1853,6 +1858,15 @@ def fail(code: int, message: str) -> int:
     if dist.is_initialized():
         leave_group(code)
     return code
+
+
+def leave_group(code: int) -> NoReturn:
+    """Exit a distributed rank without interpreter finalization: DDP still holds the process group there,
+    and destroying gloo's worker threads that late sometimes aborts ("terminate called without an active
+    exception")."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str]) -> int:
@@ -1930,15 +1944,6 @@ def main(argv: list[str]) -> int:
     dist.barrier()
     dist.destroy_process_group()
     leave_group(code)
-
-
-def leave_group(code: int) -> NoReturn:
-    """Exit a distributed rank without interpreter finalization: DDP still holds the process group there,
-    and destroying gloo's worker threads that late sometimes aborts ("terminate called without an active
-    exception")."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":
