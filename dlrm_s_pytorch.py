@@ -1873,8 +1873,7 @@ def main(argv: list[str]) -> int:
     try:
         args, sizes, env = parse_command_line(argv)
     except (UsageError, DataError) as e:  # DataError: the Criteo files' names, looked at for the overwrite check
-        print(f"dlrm_s_pytorch.py: error: {e}", file=sys.stderr)
-        return 2
+        return fail(2, first_line(e))
     apply_environment(env, argv)
     if env:
         print("Environment from --config: " + ", ".join(f"{k}={v}" for k, v in env.items()))
