@@ -1774,9 +1774,9 @@ def export(args: argparse.Namespace, trainer: Trainer) -> None:
 
 
 @contextlib.contextmanager
-def profiling(enabled: bool, device_type: str, name: str = PROFILE_STEM) -> Iterator[None]:
+def profiling(enabled: bool, device_type: str, name: str) -> Iterator[None]:
     """With ``--enable-profiling``: a torch.profiler trace (``name``.json) and a table of the slowest ops
-    (``name``.prof), in the working directory."""
+    (``name``.prof), in the working directory; ``name`` is the rank's ``profile_stem``, which the checks know."""
     if not enabled:
         yield
         return
