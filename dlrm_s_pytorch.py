@@ -1329,7 +1329,7 @@ class Trainer:
                 table.set_optimizer(args.optimizer, args.learning_rate)
         self.dense_path, self.optimizer = dense_step(args, model.dense, backend)
         # a CUDA graph cannot hold the ranks' exchanges and DDP's hooks
-        self.iteration = self.forward_backward if dist.is_initialized() else backend.capture(self.forward_backward)
+        self.run_iteration = self.forward_backward if dist.is_initialized() else backend.capture(self.forward_backward)
         self.position, self.best = Position(), dict(accuracy=0.0, auc=0.0)
         self.window = Window(args.mini_batch_size)
         self.metrics = MetricsLog(args.metrics_file, args.tensorboard, enabled=ranks.rank == 0)
@@ -1480,13 +1480,13 @@ class Trainer:
                 if self.iterations_here == warmup:  # compiling, which allocates once, is over
                     reuse_freed_host_memory()
                 begin = time.perf_counter()
-                scores = self.step(backend.to_device(batch))
+                scores, stats = self.step(backend.to_device(batch))
                 self.iterations_here += 1
                 if self.iterations_here == warmup:
                     backend.synchronize()  # the graphs are compiled: time from here on
                 seconds = time.perf_counter() - begin
                 warming_up = self.iterations_here <= warmup
-                self.window.add(self.last_stats, None if warming_up else seconds)
+                self.window.add(stats, None if warming_up else seconds)
                 warmup_seconds += seconds if warming_up else 0.0
                 if self.iterations_here == warmup:
                     compiled = f"the first {warmup} it compiled the graphs in {warmup_seconds:.1f} s"
@@ -1515,17 +1515,13 @@ class Trainer:
             self.report(done, nbatches, epoch)
         return self.args.test_freq > 0 and done % self.args.test_freq != 0 and self.test(done, epoch)
 
-    def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """(scores, loss, stats) of a batch on the device: the lookups, then the dense path as the loop runs it."""
-        return self.dense_path(batch.dense, self.model.lookup(batch.bags, batch.dense.size(0)), batch.targets)
-
-    def step(self, batch: Batch) -> Tensor:
-        """One iteration on the device, then what the loop does with its loss."""
-        scores, loss, self.last_stats = self.iteration(batch)
+    def step(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """One iteration on the device, then what the loop does with its loss; its scores and stats."""
+        scores, loss, stats = self.run_iteration(batch)
         if self.args.print_dist_loss:
             print(f" Distributed Loss :: {distributed_loss(loss):.6f}")
         self.backend.mark_step()
-        return scores
+        return scores, stats
 
     def forward_backward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """Forward and loss, and when training backward (the sparse updates run inside) and the dense step."""
@@ -1534,6 +1530,10 @@ class Trainer:
             loss.backward()  # the sparse updates happen in here, and the dense ones with a DenseOptimizer
             self.optimizer.step()  # the dense update, for every other optimizer
         return scores, loss, stats
+
+    def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """(scores, loss, stats) of a batch on the device: the lookups, then the dense path as the loop runs it."""
+        return self.dense_path(batch.dense, self.model.lookup(batch.bags, batch.dense.size(0)), batch.targets)
 
     def report(self, it: int, nbatches: int, epoch: int) -> None:
         window, self.window = self.window, Window(self.args.mini_batch_size)
