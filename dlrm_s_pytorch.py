@@ -1037,7 +1037,11 @@ def dense_step(
         return dense_path, None
     # DDP averages the gradients at the end of backward, so then the dense optimizer steps after it
     optimizer = backend.dense_optimizer(
-        list(dense.parameters()), args.optimizer, args.learning_rate, not distributed, copies and [*copies.values()]
+        list(dense.parameters()),
+        args.optimizer,
+        args.learning_rate,
+        in_backward=not distributed,
+        bf16_copies=list(copies.values()) if copies else None,
     )
     return dense_path, optimizer
 
