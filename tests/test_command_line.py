@@ -202,8 +202,9 @@ def test_two_ranks_may_resume_in_place(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)
-def test_bad_input_is_one_line_and_exit_2(name: str, capsys) -> None:
+def test_bad_input_is_one_line_and_exit_2(name: str, capsys, tmp_path, monkeypatch) -> None:
     argv, message = BAD_INPUTS[name]
+    monkeypatch.chdir(tmp_path)  # a check that failed would train, and write its relative outputs here
     assert dlrm_s_pytorch.main(argv) == 2
     out, err = capsys.readouterr()
     assert out == ""

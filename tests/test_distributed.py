@@ -292,7 +292,8 @@ def test_a_hung_self_started_rank_is_killed_after_the_grace(monkeypatch) -> None
         ({}, ["-w", "2", "--device=cuda"], "--device cuda" if not torch.cuda.is_available() else "GPU per rank"),
     ],
 )
-def test_bad_distributed_input_is_one_line_and_exit_2(monkeypatch, capsys, env, argv, message) -> None:
+def test_bad_distributed_input_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, env, argv, message) -> None:
+    monkeypatch.chdir(tmp_path)  # a check that failed would train, and write its relative outputs here
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK",
                  "MASTER_ADDR", "MASTER_PORT"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
