@@ -1412,8 +1412,19 @@ class Trainer:
         names = (name for name, _ in self.model.dense.named_parameters())
         return zip(names, self.optimizer.accumulators(), strict=False)
 
+    def weights_finite(self) -> bool:
+        """Every rank's weights are finite (a model that diverged since its last printed line may not be)."""
+        finite = torch.stack([torch.isfinite(weight).all() for _, weight in self.model.named_weights()]).all().int()
+        if dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite)
+
     def save(self) -> None:
+        """Write the checkpoint, unless the weights diverged: they would replace the last good one."""
         path = checkpoint_file(self.args.save_model, self.ranks.rank)
+        if not self.weights_finite():
+            where = f"it {self.position.batch} of epoch {self.position.epoch}"
+            raise DivergedError(f"{where}: the weights are not finite (--learning-rate?); {path} is left as it was")
         write_checkpoint(path, self.state())
         self.last_saved = self.position
         print(f"Saved {path} at it {self.position.batch} of epoch {self.position.epoch}")

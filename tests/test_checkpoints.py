@@ -267,6 +267,20 @@ def test_a_failed_write_stops_with_one_line_and_keeps_the_previous_checkpoint(tm
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
 
+def test_a_model_that_diverged_between_printed_lines_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    argv = [*TINY, *CASES["dot-sgd"]]
+    assert run_script(*argv, "--num-batches=2", "--save-model", str(path)).returncode == 0
+    previous = path.read_bytes()
+    # it 3's update makes the weights huge, it 4's scores and update are not finite; the next printed line is it 8
+    diverging = ["--learning-rate=1e30", "--num-batches=8", "--print-freq=8", "--save-freq=2"]
+    result = run_script(*argv, *diverging, "--load-model", str(path), "--save-model", str(path))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"it 4 of epoch 0: the weights are not finite (--learning-rate?); {path} is left as it was" in result.stderr
+    assert path.read_bytes() == previous
+
+
 def test_inference_only_evaluates_a_loaded_model(tmp_path: Path) -> None:
     argv = [*TINY, *CASES["cat-adagrad"], "--num-batches=6", "--round-targets"]
     path = tmp_path / "model.pt"
