@@ -1183,7 +1183,9 @@ class CheckpointError(Exception):
 
 CHECKPOINT_FORMAT = "dlrm_s_pytorch checkpoint 1"
 # flags that decide which batches come where: a resumed run must keep them (--num-batches may grow)
-RESUME_FLAGS = ("mini_batch_size", "data_generation", "numpy_rand_seed", "data_set", "data_randomize")
+RESUME_FLAGS = ("mini_batch_size", "data_generation", "numpy_rand_seed", "data_set", "data_randomize",
+                "num_indices_per_lookup", "num_indices_per_lookup_fixed", "round_targets", "data_trace_enable_padding",
+                "max_ind_range", "data_sub_sample_rate", "mlperf_bin_shuffle")  # fmt: skip
 # flags that decide what the weights mean beyond their shapes: a loaded model, trained on or evaluated, must keep them
 MODEL_FLAGS = ("arch_interaction_op", "arch_interaction_itself")
 

@@ -329,6 +329,8 @@ def write_bad_files(tmp_path: Path, good: Path) -> dict[str, tuple[Path, list[st
         "evaluated from two ranks": (two_ranks, ["--inference-only"], "saved by 2 ranks, this run has 1"),
         "other optimizer": (good, ["--optimizer=sgd"], "saved with --optimizer adagrad, this run has sgd"),
         "other batch size": (good, ["--mini-batch-size=8"], "saved with --mini-batch-size 16, this run has 8"),
+        "other bag sizes": (good, ["--num-indices-per-lookup=5"], "--num-indices-per-lookup 6, this run has 5"),
+        "rounded targets": (good, ["--round-targets"], "saved with --round-targets False, this run has True"),
     }  # fmt: skip
 
 
