@@ -1177,8 +1177,8 @@ class MLPerfLog:
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be loaded, or a checkpoint or ONNX model that cannot be written: reported as one
-    line with exit code 2."""
+    """A checkpoint that cannot be loaded, or a checkpoint, ONNX model or profile that cannot be written: reported
+    as one line with exit code 2."""
 
 
 CHECKPOINT_FORMAT = "dlrm_s_pytorch checkpoint 1"
@@ -1802,10 +1802,23 @@ def profiling(enabled: bool, device_type: str, name: str) -> Iterator[None]:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         yield
-    prof.export_chrome_trace(f"{name}.json")
     sort_by = "self_cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
-    Path(f"{name}.prof").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=30))
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=30)
+    write_profile(Path(f"{name}.json"), prof.export_chrome_trace)
+    write_profile(Path(f"{name}.prof"), lambda path: Path(path).write_text(table))
     print(f"Profile written to {name}.json (chrome trace) and {name}.prof (top ops)")
+
+
+def write_profile(path: Path, export: Callable[[str], object]) -> None:
+    """``export(temporary)``, renamed to ``path``; a failed write (a full disk) is one line and leaves no file."""
+    try:
+        with data_utils.atomic_write(path) as temporary:
+            export(str(temporary))
+            if not temporary.exists():  # torch's trace export only logs a failed write, and leaves its .tmp file
+                Path(f"{temporary}.tmp").unlink(missing_ok=True)
+                raise CheckpointError(f"--enable-profiling {path}: cannot write it (is the disk full?)")
+    except OSError as e:
+        raise CheckpointError(f"--enable-profiling {path}: cannot write it ({e.strerror})") from None
 
 
 def apply_environment(env: dict[str, str], argv: list[str]) -> None:

@@ -3,6 +3,9 @@
 import json
 import os
 import re
+import resource
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -419,6 +422,21 @@ def test_profiling_writes_a_trace(tmp_path) -> None:
     trace = json.loads((tmp_path / "dlrm_s_pytorch.json").read_text())
     assert any("embedding_bag" in event.get("name", "") for event in trace["traceEvents"])
     assert "Self CPU" in (tmp_path / "dlrm_s_pytorch.prof").read_text()
+
+
+def test_a_trace_that_cannot_be_written_is_one_line_and_leaves_no_file(tmp_path) -> None:
+    full_disk = subprocess.run(  # files over 256 kB cannot be written, as on a full disk: the trace is larger
+        [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *TINY, "--num-batches=2", "--enable-profiling"],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2**18, 2**18)),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert full_disk.returncode == 2 and "Traceback" not in full_disk.stderr, full_disk.stderr
+    assert "error: --enable-profiling dlrm_s_pytorch.json: cannot write it (is the disk full?)" in full_disk.stderr
+    assert "Profile written" not in full_disk.stdout
+    assert list(tmp_path.iterdir()) == []  # neither the trace nor a temporary file
 
 
 def test_a_profile_file_that_cannot_be_written_stops_the_run_before_it_starts(tmp_path, monkeypatch, capsys) -> None:
