@@ -1338,13 +1338,14 @@ class Trainer:
         self.run_iteration = self.forward_backward if dist.is_initialized() else backend.capture(self.forward_backward)
         self.position, self.best = Position(), dict(accuracy=0.0, auc=0.0)
         self.window = Window(args.mini_batch_size)
-        self.metrics = MetricsLog(args.metrics_file, args.tensorboard, enabled=ranks.rank == 0)
         self.mlperf = MLPerfLog(args.mlperf_logging and ranks.rank == 0)
         self.stop_signal: int | None = None
         self.iterations_here = 0  # by this process: lazy mode's first ones compile
         if checkpoint and self.training:
             with fields_of(self.loaded_from):
                 self.restore(checkpoint)
+        # last: a checkpoint that does not fit leaves no metrics file or TensorBoard run behind
+        self.metrics = MetricsLog(args.metrics_file, args.tensorboard, enabled=ranks.rank == 0)
 
     # -- checkpoints --------------------------------------------------------------------------------------
 

@@ -78,6 +78,14 @@ def test_tensorboard_gets_the_same_metrics(tmp_path: Path) -> None:
     assert [round(e.value, 6) for e in losses] == [line["loss"] for line in finished_lines(result.stdout)]
 
 
+def test_a_checkpoint_that_does_not_fit_leaves_no_metrics_behind(tmp_path: Path) -> None:
+    assert run_script(*TINY, "--num-batches=2", "--save-model=m.pt", cwd=tmp_path).returncode == 0
+    outputs = ["--metrics-file=logs/metrics.jsonl", "--tensorboard=tb"]
+    refused = run_script(*TINY, "--num-batches=4", "--load-model=m.pt", "--optimizer=adagrad", *outputs, cwd=tmp_path)
+    assert refused.returncode == 2 and "saved with --optimizer sgd, this run has adagrad" in refused.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no empty metrics file, no empty TensorBoard run
+
+
 @pytest.mark.parametrize(
     "flags, written",
     [
