@@ -1374,9 +1374,11 @@ class Trainer:
         """Stop unless the checkpoint was saved by as many ranks, and with the same ``MODEL_FLAGS``, as this run
         (to train or to evaluate). Checked before the weights, whose shapes cannot tell: from other ranks, a split
         table's shape would be named instead, and a dot interaction's weights can have a cat model's shapes."""
-        if state["world_size"] != self.ranks.world_size:
-            raise CheckpointError(f"--load-model {self.loaded_from}: saved by {state['world_size']} ranks, this run "
-                                  f"has {self.ranks.world_size}")  # fmt: skip
+        saved_by = state["world_size"]
+        if saved_by != self.ranks.world_size:
+            ranks = "rank" if saved_by == 1 else "ranks"
+            raise CheckpointError(f"--load-model {self.loaded_from}: saved by {saved_by} {ranks}, this run has "
+                                  f"{self.ranks.world_size}")  # fmt: skip
         self.check_saved_flags(state.get("model", {}))  # not recorded in the checkpoints of earlier versions
 
     def check_saved_flags(self, saved: dict) -> None:

@@ -9,6 +9,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -332,6 +333,12 @@ def write_bad_files(tmp_path: Path, good: Path) -> dict[str, tuple[Path, list[st
         "other bag sizes": (good, ["--num-indices-per-lookup=5"], "--num-indices-per-lookup 6, this run has 5"),
         "rounded targets": (good, ["--round-targets"], "saved with --round-targets False, this run has True"),
     }  # fmt: skip
+
+
+def test_a_one_rank_checkpoint_loaded_by_two_ranks_says_rank_in_the_singular() -> None:
+    trainer = SimpleNamespace(ranks=Ranks(0, 2, 0, 2), loaded_from="m.pt")
+    with pytest.raises(dlrm_s_pytorch.CheckpointError, match=r"^--load-model m.pt: saved by 1 rank, this run has 2$"):
+        dlrm_s_pytorch.Trainer.check_saved_model(trainer, {"world_size": 1})
 
 
 def test_bad_checkpoints_stop_with_one_line_naming_what_does_not_fit(tmp_path: Path, capsys) -> None:
