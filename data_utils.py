@@ -343,9 +343,10 @@ def _one_process_at_a_time(lock: Path) -> Iterator[None]:
 def _prepare_concatenated(args: argparse.Namespace, files: CriteoFiles) -> Processed:
     if not files.processed.exists() and files.raw is None:
         raise DataError(f"--processed-data-file {files.processed}: no such file, and no --raw-data-file")
+    # the day files first: the raw data may be missing, which is better found before a record of flags is written
+    days = None if files.processed.exists() else _prepare_days(args, files, mappable=False)
     _made_with(files.record(files.processed), shaping_flags(args), [files.processed], f"{files.processed} was")
-    if not files.processed.exists():
-        days = _prepare_days(args, files, mappable=False)
+    if days is not None:
         _status(f"Writing {files.processed}")
         _concatenate(days.day_files, days.rows_per_day, days.counts, files.processed)
     total = _check_concatenated(files.processed)
@@ -378,9 +379,12 @@ def _prepare_days(args: argparse.Namespace, files: CriteoFiles, mappable: bool) 
 
 def _make_days(args: argparse.Namespace, files: CriteoFiles, mappable: bool) -> Processed:
     _remove_leftovers(files.stem.parent, files.stem.name)
+    complete = _days_complete(files)
+    if not complete:
+        files.raw_days()  # missing raw data is reported before a record of flags is written beside it
     what = f"the processed files beside {files.raw} ({files.stem.name}_*.npz) were"
     _made_with(files.record(files.stem), shaping_flags(args), files.day_outputs(), what)
-    if not _days_complete(files):
+    if not complete:
         _preprocess(args, files)
     rows_per_day = _load_day_counts(files)
     day_files = [files.day_file(day) for day in range(len(rows_per_day))]
@@ -416,10 +420,11 @@ def _load_integers(path: Path, name: str, shape: tuple[int | None]) -> list[int]
 
 def _prepare_bins(args: argparse.Namespace, files: CriteoFiles) -> Processed:
     bins = {split: files.bin_file(split) for split in ("train", "test", "val")}
+    # the day files first: the raw data may be missing, which is better found before a record of flags is written
+    days = None if all(path.exists() for path in bins.values()) else _prepare_days(args, files, mappable=True)
     what = f"{files.bin_file('*')} were"
     _made_with(files.record(bins["train"]), shaping_flags(args, bins=True), list(bins.values()), what)
-    if not all(path.exists() for path in bins.values()):
-        days = _prepare_days(args, files, mappable=True)
+    if days is not None:
         # Rows in the order --data-randomize gives from a freshly seeded generator, as the datasets would draw it.
         permutation = np.random.RandomState(args.numpy_rand_seed).permutation
         orders = _split_orders(days.rows_per_day, args.data_randomize, permutation)

@@ -674,6 +674,14 @@ def test_missing_inputs_name_the_flag_and_the_path(tmp_path: Path) -> None:
         data_utils.prepare(make_args(processed_data_file=tmp_path / "p.npz"))
 
 
+@pytest.mark.parametrize("flags", [{}, {"memory_map": True}, {"mlperf_bin_loader": True}])
+def test_missing_raw_data_leaves_no_record_of_flags_behind(tmp_path: Path, flags: dict) -> None:
+    for data_set, raw in (("kaggle", "train.txt"), ("terabyte", "day")):
+        with pytest.raises(DataError, match=f"--raw-data-file {tmp_path}/{raw}: no"):
+            data_utils.prepare(make_args(tmp_path / raw, data_set=data_set, **flags))
+    assert [path.name for path in tmp_path.iterdir() if not path.name.endswith(".lock")] == []
+
+
 def test_a_processed_file_that_is_the_raw_data_is_refused(tmp_path: Path) -> None:
     """Read as a processed file, the raw text is 'damaged; delete it to make it again': the advice would lose it."""
     raw = write_kaggle(tmp_path, 100)
