@@ -1467,6 +1467,11 @@ class Trainer:
             self.save()
 
     def request_stop(self, signum: int, frame: object) -> None:
+        """Stop after this iteration, saving. In one process, a second Ctrl-C stops at once (the last checkpoint
+        stays as it was), for an iteration that takes long: lazy mode's first, which compiles. Not with several
+        ranks: a launcher passes on the Ctrl-C its ranks got from the terminal already, so each gets it twice."""
+        if signum == signal.SIGINT == self.stop_signal and not dist.is_initialized():
+            raise KeyboardInterrupt
         self.stop_signal = signum
 
     def stopping(self, agree: bool) -> bool:

@@ -140,6 +140,22 @@ def test_a_signal_saves_and_exits_cleanly_and_the_run_resumes_exactly(signum: in
     assert finished_lines(resumed.stdout) == [line for line in finished_lines(whole.stdout) if line["it"] > k]
 
 
+def test_a_second_ctrl_c_stops_a_long_iteration_at_once(tmp_path: Path, monkeypatch) -> None:
+    """Lazy mode's first iteration compiles for seconds (minutes on the medium model): the first Ctrl-C would
+    wait for it to end; the second stops the run there, leaving the last checkpoint as it was (none yet)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))  # nothing compiled yet: a long iteration
+    path = tmp_path / "model.pt"
+    argv = [*TINY, *CASES["cat-adagrad"], "--mode=lazy", "--num-batches=100", "--save-model", str(path)]
+    process = start(argv, tmp_path)
+    wait_for_line(process, r"^time/loss/accuracy")  # the loop has begun: the first iteration compiles
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    out, err = finish(process)
+    assert process.returncode == 128 + signal.SIGINT and err == "Interrupted.\n", out + err
+    assert "Finished training" not in out and not path.exists()
+
+
 def test_sigterm_to_the_whole_job_with_loader_processes_saves_and_leaves_no_process(tmp_path: Path) -> None:
     argv = [*TINY, *CASES["cat-adagrad"], "--num-workers=2"]
     path = tmp_path / "model.pt"
