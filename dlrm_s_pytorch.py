@@ -1418,8 +1418,11 @@ class Trainer:
         return zip(names, self.optimizer.accumulators(), strict=False)
 
     def weights_finite(self) -> bool:
-        """Every rank's weights are finite (a model that diverged since its last printed line may not be)."""
-        finite = torch.stack([torch.isfinite(weight).all() for _, weight in self.model.named_weights()]).all().int()
+        """Every rank's weights are finite (a model that diverged since its last printed line may not be). Told by
+        their extremes, which a NaN or an infinity becomes: ``isfinite`` would allocate a byte for every weight."""
+        weights = (weight.detach() for _, weight in self.model.named_weights())
+        extremes = torch.stack([torch.stack(torch.aminmax(weight)).float() for weight in weights])
+        finite = torch.isfinite(extremes).all().int()
         if dist.is_initialized():
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return bool(finite)
