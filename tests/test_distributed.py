@@ -122,34 +122,21 @@ def test_two_ranks_test_criteo_data_as_one_rank(tmp_path: Path) -> None:
         assert accuracy == expected_accuracy
 
 
-def test_sigterm_to_the_world_size_launcher_saves_every_rank(tmp_path: Path) -> None:
-    argv = [*TINY[:-1], *CASES["tables-cat-adagrad"], "--num-batches=100000", "--print-freq=20"]
-    command = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *argv, "--world_size=2"]
-    launcher = subprocess.Popen([*command, "--save-model", str(tmp_path / "m.pt")], stdout=subprocess.PIPE, text=True)
-    for line in launcher.stdout:
-        if line.startswith("Finished training it 40/"):
-            break
-    launcher.send_signal(signal.SIGTERM)
-    out, _ = launcher.communicate(timeout=60)
-    assert launcher.returncode == 128 + signal.SIGTERM
-    stopped = re.search(r"^Stopped by SIGTERM after it (\d+)/", out, re.M)
-    assert stopped, out
-    positions = [torch.load(tmp_path / name, weights_only=True)["position"] for name in ("m.pt", "m.pt.rank1")]
-    assert positions[0] == positions[1] and positions[0]["iteration"] == int(stopped[1])
-
-
-def test_ranks_whose_launcher_is_killed_outright_save_and_stop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["SIGTERM", "kill -9"])
+def test_a_stopped_world_size_launcher_has_every_rank_save(stop: str, tmp_path: Path) -> None:
+    """SIGTERM the launcher passes on to its ranks; killed outright, it leaves them orphaned, and they stop too."""
     argv = [*TINY[:-1], *CASES["tables-cat-adagrad"], "--num-batches=100000", "--print-freq=20"]
     command = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *argv, "--world_size=2"]
     launcher = subprocess.Popen([*command, "--save-model", str(tmp_path / "m.pt")], stdout=subprocess.PIPE, text=True)
     for line in launcher.stdout:
         if line.startswith("Finished training it 20/"):
             break
-    launcher.kill()
+    launcher.send_signal(signal.SIGTERM if stop == "SIGTERM" else signal.SIGKILL)
     try:
         out, _ = launcher.communicate(timeout=60)  # to the output's end: the ranks hold the pipe until they stop
     finally:
         kill_processes_naming(tmp_path)  # ranks still running: the check failed
+    assert launcher.returncode == (128 + signal.SIGTERM if stop == "SIGTERM" else -signal.SIGKILL)
     stopped = re.search(r"^Stopped by SIGTERM after it (\d+)/", out, re.M)
     assert stopped, out
     positions = [torch.load(tmp_path / name, weights_only=True)["position"] for name in ("m.pt", "m.pt.rank1")]
