@@ -777,7 +777,8 @@ def test_a_worker_that_dies_stops_the_run_with_one_line(
 
 
 SLOW_PREPARE = """
-import argparse, sys, time
+import argparse, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal: a shell's background job ignores it
 sys.path.insert(0, {root!r})
 import data_utils
 chunk_vocabulary = data_utils._chunk_vocabulary
