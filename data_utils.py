@@ -172,6 +172,10 @@ class CriteoFiles:
     def bin_file(self, split: str) -> Path:
         return self.processed.with_name(f"{self.processed.name.split('.')[0]}_{split}.bin")
 
+    def bin_files(self) -> dict[str, Path]:
+        """The ``--mlperf-bin-loader`` files, by split."""
+        return {split: self.bin_file(split) for split in ("train", "test", "val")}
+
     def day_outputs(self) -> list[Path]:
         """What preprocessing has left beside the raw data so far: counts, dictionaries, days, pass 1's runs."""
         return sorted(self.stem.parent.glob(f"{glob.escape(self.stem.name)}_*.npz"))
@@ -185,8 +189,8 @@ class CriteoFiles:
     def kept_files(self) -> list[Path]:
         """The files of the data set that an output must not replace: the raw text, the processed files and the
         records beside them (for Terabyte, the days whose raw files exist)."""
-        bins = [self.bin_file(split) for split in ("train", "test", "val")]
-        files = [self.processed, self.record(self.processed), *bins, self.record(bins[0])]
+        bins = self.bin_files()
+        files = [self.processed, self.record(self.processed), *bins.values(), self.record(bins["train"])]
         if self.raw is None:
             return files
         if self.data_set == "terabyte":
@@ -419,7 +423,7 @@ def _load_integers(path: Path, name: str, shape: tuple[int | None]) -> list[int]
 
 
 def _prepare_bins(args: argparse.Namespace, files: CriteoFiles) -> Processed:
-    bins = {split: files.bin_file(split) for split in ("train", "test", "val")}
+    bins = files.bin_files()
     # the day files first: the raw data may be missing, which is better found before a record of flags is written
     days = None if all(path.exists() for path in bins.values()) else _prepare_days(args, files, mappable=True)
     what = f"{files.bin_file('*')} were"
