@@ -1855,7 +1855,8 @@ def join_ranks(args: argparse.Namespace, backend: Backend, ranks: Ranks | None) 
     if args.world_size not in (1, ranks.world_size):
         raise UsageError(f"--world_size {args.world_size}: the launcher started {ranks.world_size} ranks")
     _check_rank_flags(args, ranks.world_size, f"{ranks.world_size} ranks")
-    _check_no_overwrite(args, ranks.world_size)  # a launcher's ranks: their files are known only now
+    if ranks.world_size != args.world_size:  # a launcher's ranks, which parsing could not count: their files
+        _check_no_overwrite(args, ranks.world_size)
     try:
         distributed_utils.init_process_group(ranks, backend.process_group)
     except (RuntimeError, ValueError) as e:
