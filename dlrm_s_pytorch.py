@@ -1446,7 +1446,9 @@ class Trainer:
         handlers = {s: signal.signal(s, self.request_stop) for s in STOP_SIGNALS}
         try:
             if not self.training and self.test_loader is not None:
-                self.test(self.train_loader.sampler.stop, 0)
+                # a loaded model is tested where it was saved: its result lines up with the run that trained it
+                self.position = self.saved_at or Position(batch=self.train_loader.sampler.stop)
+                self.test(self.position.batch, self.position.epoch)
             else:
                 self.train_epochs()
         finally:

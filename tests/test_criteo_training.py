@@ -113,13 +113,19 @@ def test_files_in_the_upstream_processed_layout_load_and_train(tmp_path: Path) -
 def test_inference_only_evaluates_a_checkpoint_on_the_test_split(tmp_path: Path) -> None:
     raw = write_kaggle(tmp_path, rows=7 * 640)
     argv = [*TINY, f"--raw-data-file={raw}"]
-    trained = run_script(*argv, "--test-freq=60", "--save-model", str(tmp_path / "m.pt"))
-    evaluated = run_script(*argv, "--inference-only", "--load-model", str(tmp_path / "m.pt"))
+    trained_metrics, evaluated_metrics = tmp_path / "trained.jsonl", tmp_path / "evaluated.jsonl"
+    trained = run_script(*argv, "--test-freq=60", "--save-model", str(tmp_path / "m.pt"),
+                         "--metrics-file", str(trained_metrics))  # fmt: skip
+    evaluated = run_script(*argv, "--inference-only", "--load-model", str(tmp_path / "m.pt"),
+                           "--metrics-file", str(evaluated_metrics))  # fmt: skip
     assert trained.returncode == 0 and evaluated.returncode == 0, trained.stderr + evaluated.stderr
     assert finished_lines(evaluated.stdout) == []
     last_test, evaluation = printed_tests(trained.stdout)[-1], printed_tests(evaluated.stdout)
     assert len(evaluation) == 1
     assert (evaluation[0]["loss"], evaluation[0]["auc"]) == (last_test["loss"], last_test["auc"])
+    last_logged = [json.loads(line) for line in trained_metrics.read_text().splitlines()][-1]
+    assert last_logged["phase"] == "test"
+    assert [json.loads(line) for line in evaluated_metrics.read_text().splitlines()] == [last_logged]
 
 
 def test_a_malformed_line_stops_with_file_and_line_unless_skipped(tmp_path: Path) -> None:
