@@ -66,6 +66,7 @@ MERGE_PROCESSES = 2  # processes that merge runs at the same time (each holds up
 LOOKUP_RESIDENT_BYTES = 1 << 29  # pass 2 keeps lookups up to this size mapped; larger ones only while in use
 MAPPED_BYTES = 1 << 27  # what a lookup that is not kept mapped may map at a time
 FAULT_AROUND_BYTES = 64 << 10  # the kernel maps up to this much around each page of a file read through a map
+GZIP_MAGIC = b"\x1f\x8b"  # the first bytes of every gzip file
 TEMPORARY_NAME = r"\.(?P<final>{final})\.(?P<pid>[0-9]+)\.[^.]+"  # what a process writes before the final file
 
 Batch = tuple[Tensor, list[Tensor], list[Tensor], Tensor]
@@ -211,10 +212,28 @@ class CriteoFiles:
         """The raw text files: Kaggle's one file, or Terabyte's day files."""
         raw = self.require_raw("the raw data")
         if self.data_set == "terabyte":
-            return _terabyte_days(raw)
-        if not raw.is_file():
+            raw_days = _terabyte_days(raw)
+        elif raw.is_file():
+            raw_days = [raw]
+        else:
             raise DataError(f"--raw-data-file {raw}: {'not a regular file' if raw.exists() else 'no such file'}")
-        return [raw]
+        for path in raw_days:
+            _refuse_compressed(path)
+        return raw_days
+
+
+def _refuse_compressed(path: Path) -> None:
+    """Gzip-compressed text (Criteo Terabyte comes as day_N.gz) is refused before any work: parsed, it is bad lines."""
+    with open(path, "rb") as f:
+        if f.read(len(GZIP_MAGIC)) == GZIP_MAGIC:
+            raise DataError(f"{path}: is gzip-compressed; decompress it first ({_decompress_command(path)})")
+
+
+def _decompress_command(path: Path) -> str:
+    """How to decompress ``path``: gunzip takes only names ending in .gz, and Kaggle's dac.tar.gz is an archive."""
+    if path.suffix == ".gz" and path.suffixes[-2:] != [".tar", ".gz"]:
+        return f"gunzip -k {path}, and name {path.with_suffix('')}"
+    return "gunzip -c, or tar -xzf for an archive such as Kaggle's dac.tar.gz"
 
 
 def _terabyte_day_numbers(prefix: Path) -> set[int]:
@@ -228,7 +247,8 @@ def _terabyte_days(prefix: Path) -> list[Path]:
     """``day_0`` .. ``day_{k-1}``: none missing, and at least two (the last one is the test day)."""
     found = _terabyte_day_numbers(prefix)
     if not found:
-        raise DataError(f"--raw-data-file {prefix}: no Terabyte day files ({prefix}_0 does not exist)")
+        hint = f"; decompress the .gz days first: gunzip -k {prefix}_*.gz" if Path(f"{prefix}_0.gz").is_file() else ""
+        raise DataError(f"--raw-data-file {prefix}: no Terabyte day files ({prefix}_0 does not exist{hint})")
     missing = ", ".join(f"{prefix.name}_{day}" for day in range(max(found)) if day not in found)
     if missing:
         raise DataError(

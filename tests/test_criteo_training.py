@@ -1,5 +1,6 @@
 """Criteo data through the training script: preprocessing, training, testing (loss, accuracy, AUC), bad input."""
 
+import gzip
 import json
 import re
 from pathlib import Path
@@ -139,6 +140,15 @@ def test_a_malformed_line_stops_with_file_and_line_unless_skipped(tmp_path: Path
     skipped = run_script(*TINY, f"--raw-data-file={raw}", "--skip-bad-lines")
     assert skipped.returncode == 0, skipped.stderr
     assert re.search(r"\b1 bad line", skipped.stdout), skipped.stdout
+
+
+def test_gzip_compressed_raw_data_stops_with_one_line(tmp_path: Path) -> None:
+    raw = tmp_path / "train.txt.gz"
+    raw.write_bytes(gzip.compress(write_kaggle(tmp_path / "plain.txt", rows=7 * 10).read_bytes()))
+    result = run_script(*TINY, f"--raw-data-file={raw}", cwd=tmp_path)
+    advice = f"gunzip -k {raw}, and name {tmp_path}/train.txt"
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"dlrm_s_pytorch.py: error: {raw}: is gzip-compressed; decompress it first ({advice})\n"
 
 
 @pytest.mark.parametrize("workers", [0, 1])

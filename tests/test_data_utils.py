@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import gzip
 import itertools
 import math
 import os
@@ -705,6 +706,33 @@ def test_terabyte_days_must_run_without_a_gap_and_be_two_at_least(tmp_path: Path
     with pytest.raises(DataError, match=f"^--raw-data-file {prefix}: only day_0; training needs a day more"):
         data_utils.prepare(args)
     assert not list(tmp_path.glob("*.npz"))
+
+
+def gzip_in_place(path: Path, name: str) -> Path:
+    """The file gzip-compressed, under the given name (in its folder); the text file is gone."""
+    compressed = path.with_name(name)
+    compressed.write_bytes(gzip.compress(path.read_bytes()))
+    if compressed != path:
+        path.unlink()
+    return compressed
+
+
+def test_gzip_compressed_raw_data_is_refused_before_any_work(tmp_path: Path) -> None:
+    kaggle = gzip_in_place(write_kaggle(tmp_path, 100), "train.txt.gz")
+    refused = f"{kaggle}: is gzip-compressed; decompress it first (gunzip -k {kaggle}, and name {tmp_path}/train.txt)"
+    with pytest.raises(DataError, match=f"^{re.escape(refused)}$"):
+        data_utils.prepare(make_args(kaggle))
+    prefix = write_terabyte(tmp_path, days=3, rows_per_day=20)
+    day_2 = gzip_in_place(tmp_path / "day_2", "day_2")  # compressed, under the name of a text file
+    with pytest.raises(DataError, match=f"^{day_2}: is gzip-compressed; decompress it first \\(gunzip -c, or tar"):
+        data_utils.prepare(make_args(prefix, data_set="terabyte"))
+    raw_files = sorted(path.name for path in tmp_path.iterdir() if not path.name.endswith(".lock"))
+    assert raw_files == ["day_0", "day_1", "day_2", "train.txt.gz"]
+    for day in range(3):  # as Criteo distributes them
+        gzip_in_place(tmp_path / f"day_{day}", f"day_{day}.gz")
+    as_distributed = f"({prefix}_0 does not exist; decompress the .gz days first: gunzip -k {prefix}_*.gz)"
+    with pytest.raises(DataError, match=f"no Terabyte day files {re.escape(as_distributed)}$"):
+        data_utils.prepare(make_args(prefix, data_set="terabyte"))
 
 
 def test_no_rows_to_train_on(tmp_path: Path) -> None:
