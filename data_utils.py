@@ -1305,6 +1305,8 @@ def _read_chunk(chunk: Chunk, options: ParseOptions) -> tuple[Rows, int, str]:
         text = f.read(chunk.stop - chunk.start)
     if not text.endswith(b"\n"):
         text += b"\n"
+    if b"\r" in text:  # Windows line ends: the same lines, so line numbers and days stay those of the file
+        text = text.replace(b"\r\n", b"\n")
     rows, bad = parse_lines(text)
     problem = ""
     if bad.size:

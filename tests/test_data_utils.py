@@ -130,6 +130,26 @@ def test_kaggle_file_becomes_seven_days_with_first_appearance_ids(tmp_path: Path
     assert not list(tmp_path.glob("*_run*")) and not temporary_files(tmp_path)
 
 
+def test_windows_line_ends_give_the_same_lines_days_and_data(tmp_path: Path) -> None:
+    """The line numbers decide the days, the bad line named and each line's sub-sampling draw."""
+    unix, windows = tmp_path / "unix", tmp_path / "windows"
+    lines = write_kaggle(tmp_path, 1000).read_text().splitlines()
+    lines[56] = spoil(lines[56], "label")
+    for folder, line_end in ((unix, "\n"), (windows, "\r\n")):
+        folder.mkdir()
+        (folder / "train.txt").write_bytes(line_end.join(lines).encode() + line_end.encode())
+        with pytest.raises(DataError, match=f"^{folder}/train.txt:57: label '2' is not 0 or 1$"):
+            data_utils.prepare(make_args(folder / "train.txt"))
+    from_unix, from_windows = (
+        data_utils.prepare(make_args(folder / "train.txt", skip_bad_lines=True, data_sub_sample_rate=0.5))
+        for folder in (unix, windows)
+    )
+    assert (from_windows.counts, from_windows.rows_per_day) == (from_unix.counts, from_unix.rows_per_day)
+    processed = "kaggleAdDisplayChallenge_processed.npz"
+    for name, array in load(unix / processed).items():
+        np.testing.assert_array_equal(load(windows / processed)[name], array)
+
+
 def test_terabyte_days_and_the_splits(tmp_path: Path) -> None:
     raw = write_terabyte(tmp_path, days=3, rows_per_day=151)
     args = make_args(raw, data_set="terabyte", mini_batch_size=40)
