@@ -1757,6 +1757,11 @@ def export_onnx(model: DLRM, batch: Batch, path: str) -> None:
     if apart:
         written += f", its weights to {weights.name} ({weights.stat().st_size / 1e6:.1f} MB)"
     print(written)
+    check_onnx(path, {name: t.numpy() for name, t in zip(names, inputs, strict=True)}, expected)
+
+
+def check_onnx(path: str, feeds: dict[str, np.ndarray], expected: np.ndarray) -> None:
+    """When onnxruntime is installed, run the exported model on the batch and print how far it is from PyTorch."""
     try:
         import onnxruntime
     except ImportError:
@@ -1764,8 +1769,11 @@ def export_onnx(model: DLRM, batch: Batch, path: str) -> None:
         return
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only: its graph optimizer warns about the embedding bags' loops
-    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    (scores,) = session.run(None, {name: t.numpy() for name, t in zip(names, inputs, strict=True)})
+    try:
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        (scores,) = session.run(None, feeds)
+    except Exception as e:  # onnxruntime's errors (Fail, InvalidGraph, ...) derive from Exception alone
+        raise CheckpointError(f"--save-onnx {path}: written, but onnxruntime cannot run it ({first_line(e)})") from None
     print(f"onnxruntime on one batch: largest difference from PyTorch {np.abs(scores - expected).max():.3g}")
 
 

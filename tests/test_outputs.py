@@ -6,6 +6,7 @@ import re
 import resource
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,25 @@ def test_onnx_export_matches_pytorch(flags: list[str], written: str, tmp_path: P
     assert (tmp_path / written).stat().st_size > 0 and f"ONNX model written to {written}" in result.stdout
     difference = re.search(r"largest difference from PyTorch (\S+)", result.stdout)
     assert difference and float(difference[1]) < 1e-5, result.stdout
+
+
+def test_a_model_onnxruntime_cannot_run_is_one_line_and_stays_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    class Fail(Exception):  # as onnxruntime's own errors: not a RuntimeError
+        pass
+
+    def cannot_run(path: str, *_: object, **__: object) -> None:
+        raise Fail(f"[ONNXRuntimeError] : 1 : FAIL : Load model from {path} failed: opset 99\nis not supported")
+
+    onnxruntime = types.ModuleType("onnxruntime")
+    onnxruntime.SessionOptions, onnxruntime.InferenceSession = types.SimpleNamespace, cannot_run
+    monkeypatch.setitem(sys.modules, "onnxruntime", onnxruntime)
+    monkeypatch.chdir(tmp_path)
+    assert dlrm_s_pytorch.main([*TINY, "--num-batches=1", "--save-onnx=m.onnx"]) == 2
+    refused = "--save-onnx m.onnx: written, but onnxruntime cannot run it ([ONNXRuntimeError] : 1 : FAIL : Load"
+    assert capsys.readouterr().err == f"dlrm_s_pytorch.py: error: {refused} model from m.onnx failed: opset 99)\n"
+    assert [path.name for path in tmp_path.iterdir()] == ["m.onnx"]
 
 
 def test_outputs_in_missing_folders_make_them_as_the_checkpoint_does(tmp_path: Path) -> None:
