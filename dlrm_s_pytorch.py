@@ -1786,7 +1786,7 @@ def plot_compute_graph(model: DLRM, batch: Batch) -> None:
         return
     serving = ServingDLRM(model)
     graph = make_dot(serving(*serving_inputs(batch)).mean(), params=dict(serving.named_parameters()))
-    Path(f"{GRAPH_STEM}.dot").write_text(graph.source)
+    write_output("--plot-compute-graph", Path(f"{GRAPH_STEM}.dot"), lambda path: Path(path).write_text(graph.source))
     drawn = f"{GRAPH_STEM}.dot"
     if shutil.which("dot"):
         graph.render(GRAPH_STEM, format="pdf", cleanup=True)
@@ -1825,21 +1825,21 @@ def profiling(enabled: bool, device_type: str, name: str) -> Iterator[None]:
         yield
     sort_by = "self_cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=30)
-    write_profile(Path(f"{name}.json"), prof.export_chrome_trace)
-    write_profile(Path(f"{name}.prof"), lambda path: Path(path).write_text(table))
+    write_output("--enable-profiling", Path(f"{name}.json"), prof.export_chrome_trace)
+    write_output("--enable-profiling", Path(f"{name}.prof"), lambda path: Path(path).write_text(table))
     print(f"Profile written to {name}.json (chrome trace) and {name}.prof (top ops)")
 
 
-def write_profile(path: Path, export: Callable[[str], object]) -> None:
+def write_output(flag: str, path: Path, export: Callable[[str], object]) -> None:
     """``export(temporary)``, renamed to ``path``; a failed write (a full disk) is one line and leaves no file."""
     try:
         with data_utils.atomic_write(path) as temporary:
             export(str(temporary))
             if not temporary.exists():  # torch's trace export only logs a failed write, and leaves its .tmp file
                 Path(f"{temporary}.tmp").unlink(missing_ok=True)
-                raise CheckpointError(f"--enable-profiling {path}: cannot write it (is the disk full?)")
+                raise CheckpointError(f"{flag} {path}: cannot write it (is the disk full?)")
     except OSError as e:
-        raise CheckpointError(f"--enable-profiling {path}: cannot write it ({e.strerror})") from None
+        raise CheckpointError(f"{flag} {path}: cannot write it ({e.strerror})") from None
 
 
 def apply_environment(env: dict[str, str], argv: list[str]) -> None:

@@ -210,6 +210,25 @@ def test_plot_compute_graph_writes_graphviz_source(tmp_path: Path) -> None:
     assert source.startswith("digraph") and "EmbeddingBag" in source
 
 
+def test_a_failed_compute_graph_write_is_one_line_and_keeps_the_previous_graph(tmp_path: Path) -> None:
+    pytest.importorskip("torchviz")
+    previous = tmp_path / "dlrm_s_pytorch_graph.dot"
+    previous.write_text("digraph { previous }\n")
+    full_disk = subprocess.run(
+        [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *TINY, "--num-batches=1", "--plot-compute-graph"],
+        cwd=tmp_path,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)),  # the graph takes more
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert full_disk.returncode == 2, full_disk.stderr
+    refused = "--plot-compute-graph dlrm_s_pytorch_graph.dot: cannot write it (File too large)"
+    assert full_disk.stderr == f"dlrm_s_pytorch.py: error: {refused}\n"
+    assert previous.read_text() == "digraph { previous }\n"
+    assert [path.name for path in tmp_path.iterdir()] == [previous.name]
+
+
 @pytest.mark.parametrize(
     "package, flags, notice",
     [
