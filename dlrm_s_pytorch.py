@@ -31,31 +31,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import yaml
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
+try:  # loading torch takes seconds: Ctrl-C meanwhile stops as it does later, without a traceback
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import yaml
+    from torch import Tensor, nn
+    from torch.nn.parallel import DistributedDataParallel
 
-import data_utils
-import distributed_utils
-import trace_data
-from data_utils import DataError, first_line
-from distributed_utils import EmbeddingExchange, Ranks, Shard
-from habana_dlrm_ops import (
-    OPTIMIZERS,
-    Backend,
-    BagBatch,
-    DeviceUnavailable,
-    EmbeddingBag,
-    Linear,
-    MlpOptimizer,
-    RowGrouper,
-    TorchKernels,
-    preprocess_bags,
-    select_backend,
-)
+    import data_utils
+    import distributed_utils
+    import trace_data
+    from data_utils import DataError, first_line
+    from distributed_utils import EmbeddingExchange, Ranks, Shard
+    from habana_dlrm_ops import (
+        OPTIMIZERS,
+        Backend,
+        BagBatch,
+        DeviceUnavailable,
+        EmbeddingBag,
+        Linear,
+        MlpOptimizer,
+        RowGrouper,
+        TorchKernels,
+        preprocess_bags,
+        select_backend,
+    )
+except KeyboardInterrupt:
+    if __name__ == "__main__":  # imported instead (tests, a spawned worker): the importer gets the interrupt
+        print("Interrupted.", file=sys.stderr)
+        sys.exit(130)
+    raise
 
 # ---------------------------------------------------------------------------------------------------------
 # Command line

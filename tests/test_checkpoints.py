@@ -156,6 +156,21 @@ def test_a_second_ctrl_c_stops_a_long_iteration_at_once(tmp_path: Path, monkeypa
     assert "Finished training" not in out and not path.exists()
 
 
+def test_ctrl_c_while_torch_loads_stops_without_a_traceback(tmp_path: Path) -> None:
+    """Python raises KeyboardInterrupt where the main thread is when SIGINT comes; loading torch takes seconds."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise KeyboardInterrupt  # Ctrl-C while torch loads\n")
+    interrupted = subprocess.run(
+        [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *TINY],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},  # before site-packages: this torch is imported
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert interrupted.returncode == 128 + signal.SIGINT and interrupted.stderr == "Interrupted.\n", interrupted.stderr
+
+
 def test_sigterm_to_the_whole_job_with_loader_processes_saves_and_leaves_no_process(tmp_path: Path) -> None:
     argv = [*TINY, *CASES["cat-adagrad"], "--num-workers=2"]
     path = tmp_path / "model.pt"
