@@ -341,6 +341,7 @@ def model_sizes(args: argparse.Namespace) -> Sizes:
     return Sizes(bottom[0], dim, tables, bottom, [interaction, *top])
 
 
+ONNX_INSTALLED = importlib.util.find_spec("onnx") is not None
 NO_QR_MD = "is not supported: the custom embedding op has no quotient-remainder or mixed-dimension variant"
 
 # (flag, whether the parsed value asks for it, why it cannot run)
@@ -350,11 +351,11 @@ UNAVAILABLE = [
         "--qr-flag", "--qr-threshold", "--qr-operation", "--qr-collisions")],
     ("--activation-function", lambda a: a.activation_function != "relu", "is not supported: the model uses relu"),
     ("--sync-dense-params false", lambda a: not a.sync_dense_params, "is not supported: dense weights stay in sync"),
+    ("--save-onnx", lambda a: a.save_onnx and not ONNX_INSTALLED,
+     "needs the onnx package, which torch's exporter writes with (requirements-extras.txt)"),
 ]  # fmt: skip
 
 ONNX_LIMIT = 2**31  # bytes: a protobuf file is smaller, so torch writes the weights of a larger model apart
-ONNX_INSTALLED = importlib.util.find_spec("onnx") is not None
-ONNX_NEEDED = "a model over ONNX's 2 GB limit needs the onnx package to be written (requirements-extras.txt)"
 PROFILE_STEM = "dlrm_s_pytorch"
 GRAPH_STEM = "dlrm_s_pytorch_graph"
 PROCESSES_PER_CORE = 4  # loader processes, or self-started ranks: more only compete for the cores, and cost memory
@@ -381,11 +382,8 @@ def _check_op_list(flag: str, path: str, expected: set[str]) -> None:
 
 
 def _check_model_fits(args: argparse.Namespace, sizes: Sizes) -> None:
-    """Stop early, naming the flags, when the weights, optimizer state and a batch cannot fit in memory, or the
-    weights cannot be exported to ONNX."""
+    """Stop early, naming the flags, when the weights, optimizer state and a batch cannot fit in memory."""
     weights = sizes.weight_count()
-    if args.save_onnx and 4 * weights >= ONNX_LIMIT and not ONNX_INSTALLED:
-        raise UsageError(f"--save-onnx: {ONNX_NEEDED}")
     copies = 2 if args.optimizer == "adagrad" and not args.inference_only else 1
     activations = args.mini_batch_size * (sum(sizes.bottom) + sum(sizes.top)) * 3  # forward, backward, spare
     index_buffers = args.mini_batch_size * args.num_indices_per_lookup * len(sizes.tables) * 4  # 4 int32 buffers
@@ -1750,8 +1748,6 @@ def export_onnx(model: DLRM, batch: Batch, path: str) -> None:
                               dynamic_axes=dynamic, dynamo=False)  # fmt: skip
             apart = len(os.listdir(folder)) > 1  # torch wrote the weights apart
             if apart:
-                if not ONNX_INSTALLED:
-                    raise CheckpointError(f"--save-onnx {path}: {ONNX_NEEDED}")
                 finish_large_onnx(exported, weights.name)
                 os.replace(exported.with_name(weights.name), weights)  # first: the model names it
             os.replace(exported, final)

@@ -1,6 +1,7 @@
 """Criteo data through the training script: preprocessing, training, testing (loss, accuracy, AUC), bad input."""
 
 import gzip
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -58,7 +59,9 @@ def test_terabyte_day_files_train_with_memory_map_and_mlperf_lines(tmp_path: Pat
         re.M,
     )
     assert [int(it) for it, _ in mlperf] == [10, 20, 30, 40]
-    assert '"key": "eval_accuracy"' in result.stdout
+    installed = importlib.util.find_spec("mlperf_logging")  # an extra, from requirements-extras.txt
+    compliance_log = '"key": "eval_accuracy"' if installed else "no compliance log is written"
+    assert compliance_log in result.stdout
 
 
 # AUC passes 0.5 at the first test (it 5); accuracy, 78.6 % there (all predicted 0), passes 80 % a few tests later
