@@ -227,7 +227,7 @@ class _LruReplay:
 
 
 class TableSizes(Protocol):
-    """What ``TraceDataset`` reads of the model's sizes (``dlrm_s_pytorch.Sizes`` has both)."""
+    """What ``SeededBatches`` reads of the model's sizes (``dlrm_s_pytorch.Sizes`` has both)."""
 
     dense_features: int
     tables: list[int]  # rows of each table
