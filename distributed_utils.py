@@ -41,20 +41,22 @@ class Ranks:
 def launched_ranks() -> Ranks | None:
     """This process's place when a launcher started it: torchrun (or ``spawn_ranks``), Open MPI, MPICH."""
     env = os.environ
-    for rank, size, local, local_size in (
+    for rank_var, size_var, local_rank_var, local_size_var in (
         ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
         ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
         ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
     ):
-        if rank in env and size in env:
-            world_size = _whole_number(size)
-            local_rank, local_world_size = _whole_number(local, 0), _whole_number(local_size, world_size)
-            ranks = Ranks(_whole_number(rank), world_size, local_rank, local_world_size)
+        if rank_var in env and size_var in env:
+            world_size = _whole_number(size_var)
+            local_rank, local_world_size = _whole_number(local_rank_var, 0), _whole_number(local_size_var, world_size)
+            ranks = Ranks(_whole_number(rank_var), world_size, local_rank, local_world_size)
             if not 0 <= ranks.rank < ranks.world_size:
-                raise ValueError(f"{rank}={ranks.rank} does not fit {size}={ranks.world_size}")
+                raise ValueError(f"{rank_var}={ranks.rank} does not fit {size_var}={ranks.world_size}")
             if not 0 <= ranks.local_rank < ranks.local_world_size <= ranks.world_size:  # a GPU's index, cores' share
-                raise ValueError(f"{local}={ranks.local_rank} does not fit {local_size}={ranks.local_world_size} "
-                                 f"of {size}={ranks.world_size}")  # fmt: skip
+                raise ValueError(
+                    f"{local_rank_var}={ranks.local_rank} does not fit {local_size_var}={ranks.local_world_size} "
+                    f"of {size_var}={ranks.world_size}"
+                )
             return ranks
     return None
 
