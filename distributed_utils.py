@@ -111,13 +111,9 @@ def spawn_ranks(command: list[str], world_size: int) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            codes = [p.poll() for p in processes]
-            failed = [code for code in codes if code not in (None, 0)]
-            stopped_by_signal = failed and all(code in (None, failed[0]) for code in codes) and failed[0] > 128
-            if (failed and not stopped_by_signal) or all(code is not None for code in codes):
-                return (failed[0] if failed[0] > 0 else 128 - failed[0]) if failed else 0  # -N: killed by signal N
+        while (code := _spawned_exit_code([p.poll() for p in processes])) is None:
             time.sleep(SPAWN_POLL_S)
+        return code
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -131,6 +127,22 @@ def spawn_ranks(command: list[str], world_size: int) -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def _spawned_exit_code(codes: list[int | None]) -> int | None:
+    """The ranks' exit code, from each one's so far (None: still running); None while they are to be waited for.
+
+    The first rank to fail decides, and the others are stopped; but ranks stopping on a signal (each exits with
+    the same 128 + N), as after ``spawn_ranks`` passed one on to all, are waited for, so that each saves its
+    checkpoint.
+    """
+    failed = [code for code in codes if code not in (None, 0)]
+    if not failed:
+        return None if None in codes else 0
+    first = failed[0]
+    if first > 128 and None in codes and all(code in (None, first) for code in codes):
+        return None
+    return first if first > 0 else 128 - first  # Popen's -N: killed by signal N
 
 
 def _mpi_rendezvous() -> None:
