@@ -19,10 +19,12 @@ def forward(weights, indices, offsets, valid_count, kernel_mode):
     return out.index_add_(0, _groups(bags), weights[indices[:num_indices].long()])
 
 
-def backward(weight_grad, grad_output, rows, row_offsets, valid_count, kernel_mode):
+def backward(weight_grad, grad_output, sorted_bags, row_offsets, valid_count, kernel_mode):
+    """Each unique row's gradient, the sum over the bags that hold it, into the first rows of ``weight_grad``."""
     record("EmbeddingBag.backward", valid_count=valid_count.tolist(), kernel_mode=kernel_mode)
     assert kernel_mode == 1
-    num_offsets, num_rows = valid_count.tolist()
-    groups = weight_grad[: num_offsets - 1]
-    groups.zero_().index_add_(0, _groups(row_offsets[:num_offsets]), grad_output[rows[:num_rows].long()])
+    num_row_offsets, num_indices = valid_count.tolist()
+    row_grads = weight_grad[: num_row_offsets - 1]
+    bag_grads = grad_output[sorted_bags[:num_indices].long()]
+    row_grads.zero_().index_add_(0, _groups(row_offsets[:num_row_offsets]), bag_grads)
     return weight_grad
