@@ -8,10 +8,10 @@ import math
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
-def make_layers(widths, last_sigmoid):
+def make_layers(widths: list[int], last_sigmoid: bool) -> nn.Sequential:
     layers = []
     for i in range(len(widths) - 1):
         n, m = widths[i], widths[i + 1]
@@ -24,7 +24,9 @@ def make_layers(widths, last_sigmoid):
 
 
 class ReferenceDLRM(nn.Module):
-    def __init__(self, tables, dim, bottom, top, op, itself, threshold):
+    def __init__(
+        self, tables: list[int], dim: int, bottom: list[int], top: list[int], op: str, itself: bool, threshold: float
+    ) -> None:
         super().__init__()
         self.tables = nn.ModuleList()
         for rows in tables:
@@ -38,7 +40,7 @@ class ReferenceDLRM(nn.Module):
         self.top = make_layers([width, *top], last_sigmoid=True)
         self.op, self.itself, self.threshold = op, itself, threshold
 
-    def forward(self, dense, offsets, indices):
+    def forward(self, dense: Tensor, offsets: list[Tensor], indices: list[Tensor]) -> Tensor:
         x = self.bottom(dense)
         ly = [table(idx, off) for table, off, idx in zip(self.tables, offsets, indices, strict=True)]
         if self.op == "cat":
@@ -54,7 +56,13 @@ class ReferenceDLRM(nn.Module):
         return p
 
 
-def random_batch(j, n, dense_features, tables, nipl, fixed, round_targets):
+def random_batch(
+    j: int, n: int, dense_features: int, tables: list[int], nipl: int, fixed: bool, round_targets: bool
+) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
+    """The run's ``j``-th batch (counted across epochs), ``n`` samples: (dense, offsets, indices, targets).
+
+    ``nipl`` is the largest bag, every bag's size when ``fixed``.
+    """
     np.random.seed(987 + j)
     dense = torch.tensor(np.random.rand(n, dense_features).astype(np.float32))
     offsets, indices = [], []
@@ -73,7 +81,7 @@ def random_batch(j, n, dense_features, tables, nipl, fixed, round_targets):
     return dense, offsets, indices, torch.tensor(targets)
 
 
-def reference_losses(cfg):
+def reference_losses(cfg: dict) -> list[tuple[int, int, float, int]]:
     """Per-iteration (epoch, iteration, loss, correct predictions) of a run described by ``cfg``."""
     np.random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
