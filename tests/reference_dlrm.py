@@ -102,7 +102,7 @@ def reference_losses(cfg: dict) -> list[tuple[int, int, float, int]]:
                 j, n, cfg["bottom"][0], cfg["tables"], cfg["nipl"], cfg["fixed"], cfg["round_targets"]
             )
             j += 1
-            if n < mbs:
+            if n < mbs:  # the original drew the partial last batch (so it took a seed), then left the epoch
                 break
             p = model(dense, offsets, indices)
             if cfg["loss"] == "mse":
