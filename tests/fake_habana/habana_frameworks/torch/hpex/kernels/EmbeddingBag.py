@@ -10,7 +10,9 @@ def _groups(starts: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(starts.numel() - 1), (starts[1:] - starts[:-1]).long())
 
 
-def forward(weights, indices, offsets, valid_count, kernel_mode):
+def forward(
+    weights: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, valid_count: torch.Tensor, kernel_mode: int
+) -> torch.Tensor:
     record("EmbeddingBag.forward", valid_count=valid_count.tolist(), kernel_mode=kernel_mode, dtype=indices.dtype)
     assert kernel_mode == 1
     num_offsets, num_indices = valid_count.tolist()
@@ -19,7 +21,14 @@ def forward(weights, indices, offsets, valid_count, kernel_mode):
     return out.index_add_(0, _groups(bags), weights[indices[:num_indices].long()])
 
 
-def backward(weight_grad, grad_output, sorted_bags, row_offsets, valid_count, kernel_mode):
+def backward(
+    weight_grad: torch.Tensor,
+    grad_output: torch.Tensor,
+    sorted_bags: torch.Tensor,
+    row_offsets: torch.Tensor,
+    valid_count: torch.Tensor,
+    kernel_mode: int,
+) -> torch.Tensor:
     """Each unique row's gradient, the sum over the bags that hold it, into the first rows of ``weight_grad``."""
     record("EmbeddingBag.backward", valid_count=valid_count.tolist(), kernel_mode=kernel_mode)
     assert kernel_mode == 1

@@ -10,7 +10,9 @@ from habana_frameworks.torch import record
 DIGIT_BITS = 11
 
 
-def forward(indices: torch.Tensor, offsets: torch.Tensor, max_index_value: int):
+def forward(
+    indices: torch.Tensor, offsets: torch.Tensor, max_index_value: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     record("EmbeddingBagPreproc.forward", indices=indices.clone(), offsets=offsets.clone(), max_index=max_index_value)
     assert indices.dtype == offsets.dtype == torch.int32
     n = indices.numel()

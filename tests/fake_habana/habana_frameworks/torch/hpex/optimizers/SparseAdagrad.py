@@ -5,7 +5,14 @@ import torch
 from habana_frameworks.torch import record
 
 
-def forward(gradients, weights, moments, indices, learning_rate, valid_count):
+def forward(
+    gradients: torch.Tensor,
+    weights: torch.Tensor,
+    moments: torch.Tensor,
+    indices: torch.Tensor,
+    learning_rate: torch.Tensor,
+    valid_count: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     record("SparseAdagrad.forward", valid_count=valid_count.tolist(), lr=learning_rate.tolist(), dtype=indices.dtype)
     count = int(valid_count[0])
     rows, grads = indices[:count].long(), gradients[:count]
