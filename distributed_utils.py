@@ -221,9 +221,9 @@ def exchange_bytes(plan: list[Shard], rank: int, world_size: int, batch_size: in
 
 
 def describe_plan(plan: list[Shard], world_size: int, batch_size: int, dim: int) -> str:
-    ranks = [", ".join(str(s) for s in plan if s.rank == r) or "no tables" for r in range(world_size)]
+    held = [", ".join(str(s) for s in plan if s.rank == r) or "no tables" for r in range(world_size)]
     sent = max(exchange_bytes(plan, r, world_size, batch_size, dim) for r in range(world_size))
-    lines = [f"  rank {r}: {text}" for r, text in enumerate(ranks)]
+    lines = [f"  rank {r}: {shards}" for r, shards in enumerate(held)]
     return "\n".join(["Table plan:", *lines, f"  all-to-all: at most {sent / 1024:.1f} KiB sent per rank, each way"])
 
 
