@@ -1788,8 +1788,8 @@ def plot_compute_graph(model: DLRM, batch: Batch) -> None:
         return
     serving = ServingDLRM(model)
     graph = make_dot(serving(*serving_inputs(batch)).mean(), params=dict(serving.named_parameters()))
-    write_output("--plot-compute-graph", Path(f"{GRAPH_STEM}.dot"), lambda path: Path(path).write_text(graph.source))
     drawn = f"{GRAPH_STEM}.dot"
+    write_output("--plot-compute-graph", Path(drawn), lambda path: Path(path).write_text(graph.source))
     if shutil.which("dot"):
         graph.render(GRAPH_STEM, format="pdf", cleanup=True)
         drawn += f" and {GRAPH_STEM}.pdf"
