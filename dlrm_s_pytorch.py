@@ -1926,9 +1926,9 @@ def leave_group(code: int) -> NoReturn:
 def main(argv: list[str]) -> int:
     try:
         args, sizes, env = parse_command_line(argv)
+        apply_environment(env, argv)
     except (UsageError, DataError) as e:  # DataError: the Criteo files' names, looked at for the overwrite check
         return fail(2, first_line(e))
-    apply_environment(env, argv)
     if env:
         print("Environment from --config: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     try:

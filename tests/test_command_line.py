@@ -268,6 +268,13 @@ def test_an_environment_variable_without_a_value_is_refused(tmp_path) -> None:
     assert "environment variable 'TEMP_DIR' has no value" in result.stderr
 
 
+def test_an_environment_too_large_to_restart_with_is_one_line(tmp_path) -> None:
+    config = write(tmp_path, "env.yaml", f"model: dlrm\nenv_variables: {{BIG: {'x' * 200_000}}}\n")
+    result = run_script("--config", config, *TINY, "--num-batches=1")  # Linux takes at most 128 KiB a variable
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "cannot restart with its env_variables (Argument list too long)" in result.stderr
+
+
 def test_bad_input_from_a_real_process_has_no_traceback() -> None:
     result = run_script("--arch-interaction-op=sum")
     assert result.returncode == 2
