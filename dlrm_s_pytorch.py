@@ -1844,11 +1844,20 @@ def write_output(flag: str, path: Path, export: Callable[[str], object]) -> None
         raise CheckpointError(f"{flag} {path}: cannot write it ({e.strerror})") from None
 
 
+RESTARTED = "DLRM_RESTARTED_WITH_CONFIG_ENV"  # set for the restart, so the restarted script knows it is one
+
+
 def apply_environment(env: dict[str, str], argv: list[str]) -> None:
     """Set the config's ``env_variables``; torch is already loaded, so the script starts again with them."""
-    if all(os.environ.get(k) == v for k, v in env.items()):
+    restarted = os.environ.pop(RESTARTED, None) is not None
+    changed = [name for name, value in env.items() if os.environ.get(name) != value]
+    if not changed:
         return
-    os.environ.update(env)
+    if restarted:  # Python itself changed it (LC_CTYPE=C becomes C.UTF-8): another restart would loop forever
+        name = changed[0]
+        raise UsageError(f"--config: environment variable {name}={env[name]} does not hold: the restarted "
+                         f"script finds {name}={os.environ.get(name)}")  # fmt: skip
+    os.environ.update(env, **{RESTARTED: "1"})
     sys.stdout.flush()
     try:
         os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *argv])

@@ -275,6 +275,18 @@ def test_an_environment_too_large_to_restart_with_is_one_line(tmp_path) -> None:
     assert "cannot restart with its env_variables (Argument list too long)" in result.stderr
 
 
+def test_an_environment_variable_python_changes_at_start_up_stops_the_run_not_restarts_it_forever(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("LC_ALL", "PYTHONCOERCECLOCALE")}
+    probe = [sys.executable, "-c", "import os; print(os.environ['LC_CTYPE'])"]
+    if subprocess.run(probe, env={**env, "LC_CTYPE": "C"}, capture_output=True, text=True).stdout != "C.UTF-8\n":
+        pytest.skip("Python does not coerce the C locale here (PEP 538)")
+    config = write(tmp_path, "env.yaml", "model: dlrm\nenv_variables: {LC_CTYPE: C}\n")
+    command = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), "--config", config, *TINY, "--num-batches=1"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "LC_CTYPE=C does not hold: the restarted script finds LC_CTYPE=C.UTF-8" in result.stderr
+
+
 def test_bad_input_from_a_real_process_has_no_traceback() -> None:
     result = run_script("--arch-interaction-op=sum")
     assert result.returncode == 2
