@@ -168,8 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("-d", "--data_type", type=str, default="fp32", choices=["fp32", "bf16"])
     add("-w", "--world_size", type=int, default=1)
     add("--device", type=str, default="auto", choices=["auto", "cpu", "cuda", "hpu"])
-    add("--config", type=str, default="", help="a YAML run configuration (hb_configs/); flags override it")
+    add("--config", action=_GivenOnce, default="", help="a YAML run configuration (hb_configs/); flags override it")
     return p
+
+
+class _GivenOnce(argparse.Action):
+    """Refuses a second value: a second ``--config`` would drop the first file's values without a word."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: str, option: str) -> None:
+        given = getattr(namespace, self.dest)
+        if given:
+            parser.error(f"{option}: given twice, {given!r} and {value!r}: give one")
+        setattr(namespace, self.dest, value)
 
 
 def _dash_separated(text: str, kind: type) -> list:

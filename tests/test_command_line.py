@@ -302,6 +302,14 @@ def test_small_config_runs_and_flags_override_it() -> None:
     assert all(30 < line["accuracy"] < 70 for line in lines)  # rounded targets, an untrained model
 
 
+def test_a_second_config_is_refused_not_put_in_place_of_the_first(tmp_path, capsys) -> None:
+    first = write(tmp_path, "a.yaml", "model: dlrm\nparameters: {mini-batch-size: 8}\n")
+    second = write(tmp_path, "b.yaml", "model: dlrm\nparameters: {learning-rate: 0.1}\n")
+    assert dlrm_s_pytorch.main(["--config", first, "--config", second]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--config: given twice, {first!r} and {second!r}: give one" in err, err
+
+
 def test_a_config_may_switch_on_the_onnx_export_as_the_original_did(tmp_path) -> None:
     pytest.importorskip("onnx")  # without it, --save-onnx is refused at start-up
     config = write(tmp_path, "onnx.yaml", "model: dlrm\nparameters:\n  store_true: [save-onnx]\n")
