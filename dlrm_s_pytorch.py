@@ -483,13 +483,15 @@ def _check_no_overwrite(args: argparse.Namespace, world_size: int) -> None:
     checkpoint. Every rank's file counts. Resuming in place (``--load-model F --save-model F``) is fine: each
     rank's checkpoint is written to a temporary file and renamed over the one it loaded."""
     sources = [("training script's", str(path)) for path in Path(__file__).resolve().parent.glob("*.py")]
-    on_criteo = args.data_generation == "dataset"
+    on_criteo, on_traces = args.data_generation == "dataset", args.data_generation == "synthetic"
     criteo_files = data_utils.CriteoFiles.from_args(args).kept_files() if on_criteo else []
+    tables = range(len(args.arch_embedding_size))
+    trace_files = [trace_data.table_trace_file(args.data_trace_file, t) for t in tables] if on_traces else []
     files = [
         *sources, ("--config", args.config), ("--raw-data-file", args.raw_data_file),
         ("--processed-data-file", args.processed_data_file), ("--hmp-bf16", args.hmp_bf16),
         ("--hmp-fp32", args.hmp_fp32),
-        ("--data-trace-file", args.data_trace_file if args.data_generation == "synthetic" else ""),
+        *[("--data-trace-file", path) for path in trace_files],
         *[("Criteo data's", str(path)) for path in criteo_files],
         *[("--load-model", checkpoint_file(args.load_model, rank)) for rank in range(world_size) if args.load_model],
         *[("--save-model", checkpoint_file(args.save_model, rank)) for rank in range(world_size) if args.save_model],

@@ -198,6 +198,13 @@ def test_an_output_over_a_terabyte_file_is_refused(tmp_path, name: str) -> None:
     dlrm_s_pytorch.parse_command_line([*argv, f"--metrics-file={tmp_path / 'day_3'}"])  # no such day: not data
 
 
+def test_an_output_over_one_tables_trace_file_is_refused(tmp_path) -> None:
+    argv = ["--data-generation=synthetic", f"--data-trace-file={tmp_path / 'trace_j.log'}"]
+    with pytest.raises(dlrm_s_pytorch.UsageError, match="trace_1.log: would overwrite the --data-trace-file file"):
+        dlrm_s_pytorch.parse_command_line([*argv, f"--save-model={tmp_path / 'trace_1.log'}"])
+    dlrm_s_pytorch.parse_command_line([*argv, f"--save-model={tmp_path / 'trace_3.log'}"])  # 3 tables: 0 to 2
+
+
 def test_two_ranks_may_resume_in_place(tmp_path) -> None:
     checkpoint = write(tmp_path, "m.pt", "")
     argv = [f"--load-model={checkpoint}", f"--save-model={checkpoint}", "-w", "2", "--mini-batch-size=4"]
