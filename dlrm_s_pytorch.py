@@ -291,6 +291,8 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], 
             raise UsageError(f"--config {path}: {name!r} is an on/off flag: list it under store_true")
         if value is None:  # "save-onnx:" would be --save-onnx=None, a file named None
             raise UsageError(f"--config {path}: {name!r} has no value (give one, or leave the parameter out)")
+        if isinstance(value, (list, dict)):  # its Python text would be the value: a file named "['a', 'b']"
+            raise UsageError(f"--config {path}: {name!r} is {value!r}: give one value")
         if isinstance(value, bool) and action.type is not _parse_bool:  # "save-onnx: false": a file named False
             raise UsageError(f"--config {path}: {name!r} is the YAML boolean {value}: list an on/off flag under "
                              "store_true, and quote a text value")  # fmt: skip
@@ -300,6 +302,9 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], 
     for name, value in env.items():
         if value is None:  # it would be set to "None"
             raise UsageError(f"--config {path}: environment variable {name!r} has no value (give one, or leave it out)")
+        if isinstance(value, (bool, list, dict)):  # it would be set to Python's text of it: "True", "[1, 2]"
+            raise UsageError(f"--config {path}: environment variable {name!r} is {value!r}: give text (quoted) "
+                             "or a number")  # fmt: skip
     env = {str(k): str(v) for k, v in env.items()}
     for name, value in env.items():
         if not name or "=" in name or not _os_string(name + value):

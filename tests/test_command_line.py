@@ -257,6 +257,21 @@ def test_bad_config_names_what_is_wrong(tmp_path, capsys, config: str, message: 
 
 
 @pytest.mark.parametrize(
+    "config, message",
+    [
+        ("parameters: {save-model: [a, b]}", "'save-model' is ['a', 'b']: give one value"),
+        ("parameters: {metrics-file: {a: 1}}", "'metrics-file' is {'a': 1}: give one value"),
+        ("env_variables: {A: [1, 2]}", "environment variable 'A' is [1, 2]: give text (quoted) or a number"),
+        ("env_variables: {A: true}", "environment variable 'A' is True: give text (quoted) or a number"),
+    ],
+)
+def test_a_config_value_that_is_not_one_value_is_refused(tmp_path, config: str, message: str) -> None:
+    path = write(tmp_path, "bad.yaml", f"model: dlrm\n{config}\n")  # parsed only: an env variable would restart
+    with pytest.raises(dlrm_s_pytorch.UsageError, match=re.escape(message)):
+        dlrm_s_pytorch.parse_command_line(["--config", path])
+
+
+@pytest.mark.parametrize(
     "flags",
     [["--load-model"], ["--data-generation=dataset", "--processed-data-file"], ["--data-generation=synthetic",
      "--data-trace-file"]],
