@@ -1890,15 +1890,16 @@ def join_ranks(args: argparse.Namespace, backend: Backend, ranks: Ranks | None) 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(distributed_utils.free_port()))
         ranks = Ranks(0, 1, 0, 1)
+    started = f"{ranks.world_size} rank" + ("s" if ranks.world_size > 1 else "")
     if args.world_size not in (1, ranks.world_size):
-        raise UsageError(f"--world_size {args.world_size}: the launcher started {ranks.world_size} ranks")
-    _check_rank_flags(args, ranks.world_size, f"{ranks.world_size} ranks")
+        raise UsageError(f"--world_size {args.world_size}: the launcher started {started}")
+    _check_rank_flags(args, ranks.world_size, started)
     if ranks.world_size != args.world_size:  # a launcher's ranks, which parsing could not count: their files
         _check_no_overwrite(args, ranks.world_size)
     try:
         distributed_utils.init_process_group(ranks, backend.process_group)
     except (RuntimeError, ValueError) as e:
-        raise UsageError(f"{ranks.world_size} ranks: {backend.process_group} cannot start ({first_line(e)})") from None
+        raise UsageError(f"{started}: {backend.process_group} cannot start ({first_line(e)})") from None
     return ranks
 
 

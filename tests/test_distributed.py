@@ -255,6 +255,8 @@ def test_a_hung_self_started_rank_is_killed_after_the_grace(monkeypatch) -> None
     [
         (dict(RANK="0", WORLD_SIZE="3"), ["--mini-batch-size=16"], "is not divisible by 3 ranks"),
         (dict(RANK="0", WORLD_SIZE="4"), ["-w", "2"], "--world_size 2: the launcher started 4 ranks"),
+        (dict(RANK="0", WORLD_SIZE="1"), ["-w", "2"], "--world_size 2: the launcher started 1 rank\n"),
+        (dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="localhost", MASTER_PORT="-1"), [], "error: 1 rank: gloo cannot"),
         (dict(RANK="5", WORLD_SIZE="2"), [], "RANK=5 does not fit WORLD_SIZE=2"),
         (
             dict(RANK="0", WORLD_SIZE="2"),
