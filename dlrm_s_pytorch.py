@@ -257,7 +257,7 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], 
             raise UsageError(f"--config {path}: YAML aliases (*name) are not supported")  # they can expand without end
         config = yaml.load(text, Loader=_ConfigLoader)
     except yaml.YAMLError as e:
-        raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UsageError(f"--config {path}: not valid YAML ({_yaml_problem(e)})") from None
     except RecursionError:
         raise UsageError(f"--config {path}: nested too deeply") from None
     if not isinstance(config, dict):
@@ -310,6 +310,16 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], 
         if not name or "=" in name or not _os_string(name + value):
             raise UsageError(f"--config {path}: {name!r} cannot be an environment variable")
     return argv, env
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What is wrong and on which line: the first line of PyYAML's message is only its context ("while scanning
+    for the next token"), the problem and the line come after it."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if problem.startswith("but "):  # the second half of a sentence: "expected a single document …, but found …"
+        problem = f"{error.context}, {problem}"
+    mark = getattr(error, "problem_mark", None)
+    return f"line {mark.line + 1}: {problem}" if mark else problem
 
 
 def _os_string(text: str) -> bool:

@@ -230,6 +230,8 @@ def test_bad_input_is_one_line_and_exit_2(name: str, capsys, tmp_path, monkeypat
         ("model: dlrm\nparameters: {store_true: [mini-batch-size]}\n", "'mini-batch-size' in store_true"),
         ("model: resnet\n", "this script trains 'dlrm'"),
         ("model: [dlrm\n", "not valid YAML"),
+        ("model: dlrm\nparameters:\n\tmini-batch-size: 8\n", "YAML (line 3: found character '\\t' that cannot start"),
+        ("model: dlrm\n---\nmodel: dlrm\n", "YAML (line 2: expected a single document in the stream, but found"),
         ("model: dlrm\nparameters: [mini-batch-size]\n", "must be mappings"),
         ("model: dlrm\nparameters: {store_true: print-time}\n", "'store_true' must be a list"),
         ("model: dlrm\nparameters: {store_true: [help]}\n", "'help' in store_true is not an on/off flag"),
