@@ -1966,8 +1966,6 @@ def main(argv: list[str]) -> int:
         apply_environment(env, argv)
     except (UsageError, DataError) as e:  # DataError: the Criteo files' names, looked at for the overwrite check
         return fail(2, first_line(e))
-    if env:
-        print("Environment from --config: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     try:
         launched = distributed_utils.launched_ranks()
         if launched is not None:
@@ -1999,6 +1997,8 @@ def main(argv: list[str]) -> int:
     torch.set_printoptions(precision=args.print_precision)
     np.random.seed(args.numpy_rand_seed)
     torch.manual_seed(args.numpy_rand_seed)
+    if env:  # here, where only rank 0 prints: not by the --world_size launcher, then by each rank again
+        print("Environment from --config: " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print(backend.banner)
     if args.data_type == "bf16" and backend.emulates_bf16():
         print("bf16: this CPU has no bf16 matrix products (they need AVX-512); emulated, they are far slower than fp32")

@@ -173,6 +173,15 @@ def test_world_size_flag_starts_the_ranks_itself() -> None:
     assert len(finished_lines(result.stdout)) == 2 and "Table plan:" in result.stdout
 
 
+def test_two_ranks_print_the_configs_environment_once(tmp_path: Path) -> None:
+    config = tmp_path / "env.yaml"
+    config.write_text("model: dlrm\nenv_variables: {OMP_NUM_THREADS: 1}\n")
+    result = run_script("--config", str(config), *TINY, "--num-batches=1", "-w", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Environment from --config: OMP_NUM_THREADS=1\nUsing CPU...\n"), result.stdout
+    assert result.stdout.count("Environment from --config") == 1, result.stdout
+
+
 def test_torchrun_runs_the_small_configuration() -> None:
     torchrun = Path(sys.executable).parent / "torchrun"
     port = str(distributed_utils.free_port())
