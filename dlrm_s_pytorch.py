@@ -285,7 +285,9 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], 
         argv.append(f"--{name}")
     for name, value in parameters.items():
         action = options.get(f"--{name}")
-        if action is None or name == "config":
+        if name == "config":
+            raise UsageError(f"--config {path}: 'config' cannot be a parameter (a config cannot name another)")
+        if action is None:
             raise UsageError(f"--config {path}: unknown parameter {name!r}")
         if action.nargs == 0:
             raise UsageError(f"--config {path}: {name!r} is an on/off flag: list it under store_true")

@@ -234,6 +234,7 @@ def test_bad_input_is_one_line_and_exit_2(name: str, capsys, tmp_path, monkeypat
         ("model: dlrm\n---\nmodel: dlrm\n", "YAML (line 2: expected a single document in the stream, but found"),
         ("model: dlrm\nparameters: [mini-batch-size]\n", "must be mappings"),
         ("model: dlrm\nparameters: {store_true: print-time}\n", "'store_true' must be a list"),
+        ("model: dlrm\nparameters: {config: b.yaml}\n", "'config' cannot be a parameter (a config cannot name"),
         ("model: dlrm\nparameters: {store_true: [help]}\n", "'help' in store_true is not an on/off flag"),
         ("model: dlrm\nparameters: {round-targets: true}\n", "'round-targets' is an on/off flag"),
         ("model: dlrm\nenv_variables: {A=B: 1}\n", "'A=B' cannot be an environment variable"),
