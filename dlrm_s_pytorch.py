@@ -1476,7 +1476,8 @@ class Trainer:
         """Train (or, with ``--inference-only``, evaluate); the exit code: 0, or 128 + the signal that stopped it."""
         if self.loaded_from:
             print(f"Loaded {self.loaded_from}: saved after it {self.saved_at.batch} of epoch {self.saved_at.epoch}")
-        handlers = {s: signal.signal(s, self.request_stop) for s in STOP_SIGNALS}
+        # SIGPIPE: the reader of the output left (| head); the kernel sends it with the write that fails
+        handlers = {s: signal.signal(s, self.request_stop) for s in {*STOP_SIGNALS, signal.SIGPIPE}}
         try:
             if not self.training and self.test_loader is not None:
                 # a loaded model is tested where it was saved: its result lines up with the run that trained it
@@ -2038,7 +2039,37 @@ def main(argv: list[str]) -> int:
     leave_group(code)
 
 
+class ReaderGoneOutput:
+    """``sys.stdout`` that, once its reader has left (``| head``), writes nowhere instead of raising
+    BrokenPipeError: the run goes on, or, while training, stops at the end of the iteration and saves (SIGPIPE)."""
+
+    def __init__(self, stream: object) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.write_nowhere()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.write_nowhere()
+
+    def write_nowhere(self) -> None:
+        nowhere = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(nowhere, self.stream.fileno())  # what is still buffered goes there too, at exit
+        os.close(nowhere)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.stream, name)
+
+
 if __name__ == "__main__":
+    sys.stdout = ReaderGoneOutput(sys.stdout)
     try:
         sys.exit(main(sys.argv[1:]))
     except KeyboardInterrupt:

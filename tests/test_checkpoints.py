@@ -140,6 +140,21 @@ def test_a_signal_saves_and_exits_cleanly_and_the_run_resumes_exactly(signum: in
     assert finished_lines(resumed.stdout) == [line for line in finished_lines(whole.stdout) if line["it"] > k]
 
 
+def test_a_run_whose_output_reader_leaves_saves_and_stops_as_by_sigpipe(tmp_path: Path) -> None:
+    """``… | head``: the writes after head has left fail; the run stops at the iteration's end and saves."""
+    path = tmp_path / "model.pt"
+    process = start([*TINY, *CASES["cat-adagrad"], "--num-batches=100000", "--save-model", str(path)], tmp_path)
+    wait_for_line(process, r"^Finished training it 1/")
+    process.stdout.close()
+    try:
+        err = process.communicate(timeout=60)[1]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + signal.SIGPIPE and err == "", err
+    assert 0 < saved(path)["position"]["iteration"] < 100000
+
+
 def test_a_second_ctrl_c_stops_a_long_iteration_at_once(tmp_path: Path, monkeypatch) -> None:
     """Lazy mode's first iteration compiles for seconds (minutes on the medium model): the first Ctrl-C would
     wait for it to end; the second stops the run there, leaving the last checkpoint as it was (none yet)."""
