@@ -140,6 +140,20 @@ def test_a_signal_saves_and_exits_cleanly_and_the_run_resumes_exactly(signum: in
     assert finished_lines(resumed.stdout) == [line for line in finished_lines(whole.stdout) if line["it"] > k]
 
 
+def test_a_run_a_signal_stops_saves_but_does_not_export(tmp_path: Path) -> None:
+    """The network of a stopped run is not the trained one; the run that resumes and finishes exports it."""
+    pytest.importorskip("onnx")
+    checkpoint, onnx_file = tmp_path / "model.pt", tmp_path / "model.onnx"
+    argv = [*TINY, *CASES["cat-adagrad"], "--num-batches=100000", "--save-model", str(checkpoint)]
+    process = start([*argv, "--save-onnx", str(onnx_file)], tmp_path)
+    wait_for_line(process, r"^Finished training it 1/")
+    process.send_signal(signal.SIGTERM)
+    out, err = finish(process)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "Not exported (--save-onnx, --plot-compute-graph): the run stopped before its end" in out, out
+    assert checkpoint.exists() and not onnx_file.exists()
+
+
 def test_a_run_whose_output_reader_leaves_saves_and_stops_as_by_sigpipe(tmp_path: Path) -> None:
     """``… | head``: the writes after head has left fail; the run stops at the iteration's end and saves."""
     path = tmp_path / "model.pt"
