@@ -1383,44 +1383,50 @@ def _npy_header(stream: IO[bytes], path: Path, name: str) -> tuple[tuple[int, ..
     return shape, dtype
 
 
-def _array_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def _array_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     try:
         with zipfile.ZipFile(path) as archive:
-            shapes = {}
+            headers = {}
             for info in archive.infolist():
                 name = info.filename.removesuffix(".npy")
                 with archive.open(info) as stream:
-                    shapes[name] = _npy_header(stream, path, name)[0]
-            return shapes
+                    headers[name] = _npy_header(stream, path, name)
+            return headers
     except (zipfile.BadZipFile, ValueError, OSError) as error:
         raise _damaged(path, f"not a readable npz file: {first_line(error)}") from None
 
 
-def _check_arrays(path: Path, expected: dict[str, tuple[int | None, ...]]) -> dict[str, tuple[int, ...]]:
-    """Check the file holds the expected arrays (None in a shape: any length); return every array's shape."""
+def _check_arrays(
+    path: Path, expected: dict[str, tuple[int | None, ...]], numeric: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """Check the file holds the expected arrays (None in a shape: any length), of numbers when ``numeric``; return
+    every array's shape."""
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    shapes = _array_shapes(path)
+    headers = _array_headers(path)
     for name, shape in expected.items():
-        if name not in shapes:
+        if name not in headers:
             raise DataError(f"{path}: no array {name} (expected {', '.join(expected)})")
-        found = shapes[name]
+        found, dtype = headers[name]
         if len(found) != len(shape) or any(want not in (None, got) for want, got in zip(shape, found, strict=False)):
             wanted = str(tuple("n" if want is None else want for want in shape)).replace("'", "")
             raise DataError(f"{path}: array {name} has shape {found}, expected {wanted}")
-    return shapes
+        if numeric and dtype.kind not in "biuf":  # text, say: the checks of its values would fail with a traceback
+            raise DataError(f"{path}: array {name} holds {dtype}, not numbers; {REMAKE}")
+    return {name: shape for name, (shape, _) in headers.items()}
 
 
 def _check_concatenated(path: Path) -> int:
     """Check a concatenated processed file (ours or the original's); return its number of rows."""
     rows = _check_arrays(path, {"y": (None,)})["y"][0]
     expected = {"X_int": (rows, DENSE_FEATURES), "X_cat": (rows, SPARSE_FEATURES), "counts": (SPARSE_FEATURES,)}
-    _check_arrays(path, expected)
+    _check_arrays(path, {"y": (rows,), **expected}, numeric=True)
     return rows
 
 
 def _check_day(path: Path, rows: int) -> None:
-    _check_arrays(path, {"y": (rows,), "X_int": (rows, DENSE_FEATURES), "X_cat": (rows, SPARSE_FEATURES)})
+    expected = {"y": (rows,), "X_int": (rows, DENSE_FEATURES), "X_cat": (rows, SPARSE_FEATURES)}
+    _check_arrays(path, expected, numeric=True)
 
 
 def _member_blocks(path: Path, name: str, dtype: type, block_rows: int) -> Iterator[np.ndarray]:

@@ -1038,6 +1038,25 @@ def test_ids_past_int32_in_the_originals_file_are_refused(tmp_path: Path) -> Non
         data_utils.criteo_datasets(args, data_utils.prepare(args))
 
 
+@pytest.mark.parametrize("memory_map", [False, True])
+@pytest.mark.parametrize("name", ["X_int", "X_cat", "y"])
+def test_a_processed_array_of_text_is_refused(tmp_path: Path, name: str, memory_map: bool) -> None:
+    """An array saved as strings (not numbers) stops with one line, not a traceback from numpy's min()."""
+    raw = tmp_path / "train.txt"
+    if memory_map:
+        args = make_args(raw, memory_map=True)
+        write_upstream_days(raw, [100] * 7)
+        spoilt = tmp_path / "train_day_0_processed.npz"
+        arrays = load(spoilt)
+    else:
+        args = make_args(processed_data_file=tmp_path / "p.npz")
+        spoilt = args.processed_data_file
+        arrays = write_upstream_processed(spoilt, 700)
+    np.savez(spoilt, **{**arrays, name: arrays[name].astype(str)})
+    with pytest.raises(DataError, match=rf"^{spoilt}: array {name} holds <U\d+, not numbers; {data_utils.REMAKE}$"):
+        all_rows(data_utils.criteo_datasets(args, data_utils.prepare(args))[0])
+
+
 def test_a_bin_file_cut_short_is_refused(tmp_path: Path) -> None:
     args = make_args(write_kaggle(tmp_path, 700), mlperf_bin_loader=True)
     path = data_utils.prepare(args).bin_files["train"]
