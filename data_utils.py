@@ -1229,6 +1229,7 @@ _HEX_DIGIT[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
 _INTEGER_FIELD = re.compile(rb"-?[0-9]{1,10}|")
 _HEX_FIELD = re.compile(rb"[0-9a-fA-F]{0,8}")
 _INT32 = np.iinfo(np.int32)
+_FLOAT32_MAX = np.finfo(np.float32).max
 
 
 def parse_lines(text: bytes) -> tuple[Rows, np.ndarray]:
@@ -1594,13 +1595,17 @@ def _load_concatenated(path: Path) -> ArrayRows:
 
 
 def _check_rows(dense: np.ndarray, labels: np.ndarray, path: Path) -> None:
-    """Labels 0 or 1, integer features 0 or more (the original's preprocessing made negatives 0): the batches hold
-    log(x + 1) of them, and a negative one stopped training at 'scores not finite', blaming --learning-rate."""
+    """Labels 0 or 1, integer features 0 or more (the original's preprocessing made negatives 0) and finite in
+    float32: the batches hold log(x + 1) of them, and a negative or infinite one stopped training at 'scores not
+    finite', blaming --learning-rate."""
     wrong = labels[(labels != 0) & (labels != 1)]
     if wrong.size:
         raise DataError(f"{path}: label {wrong[0]} is not 0 or 1; {REMAKE}")
-    if dense.size and not dense.min() >= 0:
-        raise DataError(f"{path}: integer feature {dense.min()} is below 0; {REMAKE}")
+    low, high = (dense.min(), dense.max()) if dense.size else (0, 0)
+    if low < 0:
+        raise DataError(f"{path}: integer feature {low} is below 0; {REMAKE}")
+    if not high <= _FLOAT32_MAX:  # NaN too (then both are NaN): possible where the features are stored as floats
+        raise DataError(f"{path}: integer feature {high} is not finite in float32; {REMAKE}")
 
 
 def _check_ids(ids: np.ndarray, path: Path) -> None:

@@ -1028,6 +1028,20 @@ def test_a_label_or_integer_feature_out_of_range_in_processed_files_is_refused(
         all_rows(data_utils.criteo_datasets(args, data_utils.prepare(args))[0])  # read at once, or batch by batch
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, 1e39])
+def test_an_integer_feature_not_finite_as_float32_is_refused(tmp_path: Path, value: float) -> None:
+    """Stored as floats, an integer feature that is NaN or overflows float32 would make log(x + 1) not finite: the run
+    stopped at 'scores not finite', blaming --learning-rate (inf), or said 'nan is below 0'."""
+    path = tmp_path / "p.npz"
+    arrays = write_upstream_processed(path, 700)
+    arrays["X_int"] = arrays["X_int"].astype(np.float64)
+    arrays["X_int"][123, 2] = value
+    np.savez(path, **arrays)
+    args = make_args(processed_data_file=path)
+    with pytest.raises(DataError, match=re.escape(f"{path}: integer feature {value} is not finite in float32; ")):
+        data_utils.criteo_datasets(args, data_utils.prepare(args))
+
+
 def test_ids_past_int32_in_the_originals_file_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "p.npz"
     arrays = write_upstream_processed(path, 700)
