@@ -414,7 +414,7 @@ def _make_days(args: argparse.Namespace, files: CriteoFiles, mappable: bool) -> 
     day_files = [files.day_file(day) for day in range(len(rows_per_day))]
     for path, rows in zip(day_files, rows_per_day, strict=True):
         _check_day(path, rows)
-        if mappable:
+        if mappable or any(fortran for _, _, fortran in _array_headers(path).values()):  # the original's X_cat
             _store_uncompressed(path)
             for name in ("X_int", "X_cat", "y"):
                 _array_location(path, name)  # mapping checks no CRC: at least each array must lie whole in its member
@@ -1372,19 +1372,18 @@ def _write_npz(path: Path, members: dict[str, Member]) -> None:
                     out.write(block if isinstance(block, bytes) else np.ascontiguousarray(block, dtype).tobytes())
 
 
-def _npy_header(stream: IO[bytes], path: Path, name: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype from a .npy header; the stream is left at the data."""
+def _npy_header(stream: IO[bytes], path: Path, name: str) -> tuple[tuple[int, ...], np.dtype, bool]:
+    """Shape, dtype and whether the array is stored column after column (Fortran order, as the original's X_cat),
+    from a .npy header; the stream is left at the data."""
     version = np.lib.format.read_magic(stream)
     if version not in ((1, 0), (2, 0)):
         raise DataError(f"{path}: array {name} has .npy format version {version}, expected 1.0 or 2.0")
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran_order, dtype = read(stream)
-    if fortran_order and len(shape) > 1:
-        raise DataError(f"{path}: array {name} is in Fortran order, expected C order")
-    return shape, dtype
+    return shape, dtype, fortran_order and len(shape) > 1
 
 
-def _array_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def _array_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype, bool]]:
     try:
         with zipfile.ZipFile(path) as archive:
             headers = {}
@@ -1408,13 +1407,13 @@ def _check_arrays(
     for name, shape in expected.items():
         if name not in headers:
             raise DataError(f"{path}: no array {name} (expected {', '.join(expected)})")
-        found, dtype = headers[name]
+        found, dtype, _ = headers[name]
         if len(found) != len(shape) or any(want not in (None, got) for want, got in zip(shape, found, strict=False)):
             wanted = str(tuple("n" if want is None else want for want in shape)).replace("'", "")
             raise DataError(f"{path}: array {name} has shape {found}, expected {wanted}")
         if numeric and dtype.kind not in "biuf":  # text, say: the checks of its values would fail with a traceback
             raise DataError(f"{path}: array {name} holds {dtype}, not numbers; {REMAKE}")
-    return {name: shape for name, (shape, _) in headers.items()}
+    return {name: shape for name, (shape, _, _) in headers.items()}
 
 
 def _check_concatenated(path: Path) -> int:
@@ -1431,9 +1430,14 @@ def _check_day(path: Path, rows: int) -> None:
 
 
 def _member_blocks(path: Path, name: str, dtype: type, block_rows: int) -> Iterator[np.ndarray]:
-    """An array of an npz file (compressed or not), ``block_rows`` rows at a time, as ``dtype``."""
+    """An array of an npz file (compressed or not; in Fortran order, uncompressed), ``block_rows`` rows at a time,
+    as ``dtype``."""
     with _reading(path), zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as stream:
-        shape, stored = _npy_header(stream, path, name)
+        shape, stored, fortran = _npy_header(stream, path, name)
+        if fortran:  # a block of rows lies in pieces, one in each column: read through a map
+            mapped = _map_array(path, name)
+            yield from (mapped[start : start + block_rows].astype(dtype) for start in range(0, shape[0], block_rows))
+            return
         row_bytes = stored.itemsize * math.prod(shape[1:])
         for start in range(0, shape[0], block_rows):
             rows = min(block_rows, shape[0] - start)
@@ -1484,15 +1488,15 @@ def _map_array(path: Path, name: str) -> np.ndarray:
     return _mapped(path, *_array_location(path, name))
 
 
-def _mapped(path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def _mapped(path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype, fortran: bool = False) -> np.ndarray:
     if math.prod(shape) == 0:
         return np.empty(shape, dtype)
-    return np.memmap(path, dtype, "r", offset, shape)
+    return np.memmap(path, dtype, "r", offset, shape, order="F" if fortran else "C")
 
 
-def _array_location(path: Path, name: str) -> tuple[int, tuple[int, ...], np.dtype]:
-    """Where an array of an uncompressed npz starts in the file; its shape and dtype. Mapping reads no CRC, so the
-    array must at least lie whole inside its member."""
+def _array_location(path: Path, name: str) -> tuple[int, tuple[int, ...], np.dtype, bool]:
+    """Where an array of an uncompressed npz starts in the file; its shape, dtype and whether it is in Fortran order.
+    Mapping reads no CRC, so the array must at least lie whole inside its member."""
     try:
         with zipfile.ZipFile(path) as archive:
             info = archive.getinfo(f"{name}.npy")
@@ -1501,14 +1505,14 @@ def _array_location(path: Path, name: str) -> tuple[int, tuple[int, ...], np.dty
             name_length, extra_length = struct.unpack("<26xHH", f.read(30))  # the zip local file header
             member_start = info.header_offset + 30 + name_length + extra_length
             f.seek(member_start)
-            shape, dtype = _npy_header(f, path, name)
+            shape, dtype, fortran = _npy_header(f, path, name)
             offset = f.tell()
     except (zipfile.BadZipFile, KeyError, ValueError, EOFError, struct.error) as error:
         raise _damaged(path, first_line(error)) from None
     member_end = member_start + info.file_size
     if offset + math.prod(shape) * dtype.itemsize > min(member_end, path.stat().st_size):
         raise _damaged(path, f"array {name} is cut short")
-    return offset, shape, dtype
+    return offset, shape, dtype, fortran
 
 
 @contextlib.contextmanager
@@ -1526,7 +1530,7 @@ def _damaged(path: Path, why: str) -> DataError:
 
 def _stored_blocks(path: Path, name: str, block: int) -> Iterator[np.ndarray]:
     """A 1-d array of an uncompressed npz, ``block`` values at a time."""
-    offset, (length,), dtype = _array_location(path, name)
+    offset, (length,), dtype, _ = _array_location(path, name)
     yield from _file_values(path, dtype, offset, length, block)
 
 

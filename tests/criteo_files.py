@@ -43,11 +43,11 @@ def write_terabyte(directory: Path, days: int, rows_per_day: int, seed: int = 0)
 def write_upstream_processed(path: Path, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Write a concatenated processed file as the original's preprocessing left it; return its arrays.
 
-    Compressed, X_cat as float64 ids (the original's dtype), X_int and y as int32, counts as int32.
+    Compressed, X_cat as float64 ids (the original's dtype) in Fortran order, X_int and y as int32, counts as int32.
     """
     arrays = _processed_arrays(rows, seed)
     with open(path, "wb") as out:
-        np.savez_compressed(out, **arrays)
+        np.savez_compressed(out, **{**arrays, "X_cat": _as_the_original_stored(arrays["X_cat"])})
     return arrays
 
 
@@ -59,6 +59,7 @@ def write_upstream_days(raw_file: Path, rows_per_day: list[int], seed: int = 0) 
     starts = np.cumsum([0, *rows_per_day])
     for day, (start, stop) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
         day_arrays = {name: arrays[name][start:stop] for name in ("X_cat", "X_int", "y")}
+        day_arrays["X_cat"] = _as_the_original_stored(day_arrays["X_cat"])
         with open(f"{stem}_day_{day}_processed.npz", "wb") as out:
             np.savez_compressed(out, **day_arrays)
     with open(f"{stem}_day_count.npz", "wb") as out:
@@ -66,6 +67,12 @@ def write_upstream_days(raw_file: Path, rows_per_day: list[int], seed: int = 0) 
     with open(f"{stem}_fea_count.npz", "wb") as out:
         np.savez_compressed(out, counts=arrays["counts"])
     return arrays
+
+
+def _as_the_original_stored(ids: np.ndarray) -> np.ndarray:
+    """The original saved ``X_cat=np.transpose(X_cat_t)``, and concatenated such arrays: np.save keeps them in
+    Fortran order (column after column)."""
+    return np.transpose(np.ascontiguousarray(ids.T))
 
 
 def _processed_arrays(rows: int, seed: int) -> dict[str, np.ndarray]:

@@ -390,6 +390,17 @@ def test_memory_maps_the_originals_day_files(tmp_path: Path) -> None:
     np.testing.assert_array_equal(load(tmp_path / "train_day_6_processed.npz")["X_cat"], arrays["X_cat"][255:])
 
 
+@pytest.mark.parametrize("bins", [False, True])
+def test_makes_the_concatenated_and_bin_files_from_the_originals_day_files(tmp_path: Path, bins: bool) -> None:
+    """The original's day files hold X_cat in Fortran order; the files made from them hold the same rows."""
+    raw = tmp_path / "train.txt"  # never read: the day files are all there
+    arrays = write_upstream_days(raw, [40, 41, 42, 43, 44, 45, 46])
+    args = make_args(raw, mlperf_bin_loader=bins, mini_batch_size=25, processed_data_file=tmp_path / "made.npz")
+    train, test = data_utils.criteo_datasets(args, data_utils.prepare(args))
+    assert_rows_equal(all_rows(train), rows_of(arrays, np.arange(255)))
+    assert_rows_equal(all_rows(test), rows_of(arrays, np.arange(255, 278)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Resuming
 # ---------------------------------------------------------------------------------------------------------
