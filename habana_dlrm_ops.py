@@ -260,6 +260,8 @@ class WholeBufferKernels(TorchKernels):
     """
 
     def bag_sum(self, weight: Tensor, bags: BagBatch) -> Tensor:
+        if not weight.size(0):  # a rank's shard of a table with fewer rows than ranks: the padding has no row to read
+            return weight.new_zeros(bags.offsets.numel() - 1, weight.size(1))
         offsets = _with_padding_bags(bags.offsets, bags.valid_counts[1], bags.indices.numel())
         pooled = nn.functional.embedding_bag(bags.indices, weight, offsets, mode="sum", include_last_offset=True)
         return pooled[: bags.offsets.numel() - 1]
@@ -268,6 +270,12 @@ class WholeBufferKernels(TorchKernels):
         starts = _with_padding_bags(bags.unique_starts, bags.valid_counts[1], bags.sorted_bags.numel())
         grads = nn.functional.embedding_bag(bags.sorted_bags, grad_output, starts, mode="sum", include_last_offset=True)
         return grads[: bags.unique_indices.numel()]
+
+    def sparse_update(
+        self, name: str, lr: float, weight: Tensor, moments: Tensor | None, bags: BagBatch, grads: Tensor
+    ) -> None:
+        if weight.size(0):  # a shard of no rows has none to update, not even with the padding's zeros
+            super().sparse_update(name, lr, weight, moments, bags, grads)
 
     def updated_rows(self, bags: BagBatch, table_rows: int) -> Tensor:
         slots = torch.arange(bags.unique_indices.numel(), device=bags.unique_indices.device)

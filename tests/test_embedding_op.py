@@ -155,6 +155,19 @@ def test_whole_buffer_kernels_spread_the_padding() -> None:
     assert rows.bincount().max() <= 11  # 98 padded slots over 10 rows, not 98 on row 0
 
 
+@pytest.mark.parametrize("kernels", [TorchKernels, WholeBufferKernels])
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_a_shard_of_no_rows_pools_zeros_and_updates_nothing(optimizer: str, kernels: type[TorchKernels]) -> None:
+    """A table with fewer rows than ranks is split so that some ranks hold none of its rows: they look up nothing.
+    The whole buffers' padding must not read or update a row there either (CUDA lazy mode, with several ranks)."""
+    table = EmbeddingBag(torch.zeros(0, 4), kernels())
+    table.set_optimizer(optimizer, 0.1)
+    out = table(preprocess_bags(torch.zeros(0, dtype=torch.int64), torch.tensor([0, 0]), batch_size=3, capacity=6))
+    assert torch.equal(out, torch.zeros(3, 4)) and out.requires_grad  # the rank still joins the exchange's backward
+    out.sum().backward()
+    assert table.weight.shape == (0, 4) and table.weight.grad is None
+
+
 def test_preprocessing_rejects_more_lookups_than_the_buffer() -> None:
     with pytest.raises(ValueError, match="more than the buffer's 4"):
         preprocess_bags(torch.arange(5), torch.tensor([0]), batch_size=1, capacity=4)
