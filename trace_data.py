@@ -306,7 +306,7 @@ class TraceDataset(SeededBatches):
                 size = self.largest_bag
             else:
                 size = round(max(1.0, rng.random() * min(rows, self.largest_bag)))  # half to even, as numpy's
-            bag = np.unique(np.mod(replay.rows(rng.random(size)), rows))
+            bag = np.mod(np.unique(replay.rows(rng.random(size))), rows)  # rows past the table may meet again
             bags.append(bag)
             lengths[sample] = bag.size
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])

@@ -138,11 +138,24 @@ def test_batch_shapes_and_types(tmp_path):
             assert table_offsets.dtype == table_indices.dtype == torch.int64
             assert table_offsets.shape == (n,) and table_offsets[0] == 0
             for bag in bags(table_offsets, table_indices):
-                assert 1 <= len(bag) <= min(rows, 5)
-                assert bag == sorted(set(bag))  # distinct rows, sorted, as the original's np.unique
+                assert 1 <= len(bag) <= 5  # rows wrapped onto a smaller table may repeat
                 assert all(0 <= row < rows for row in bag)
     with pytest.raises(IndexError):
         data[3]
+
+
+def test_bags_hold_distinct_rows_sorted_as_the_originals_unique(tmp_path):
+    trace = trace_file(tmp_path, ", ".join(map(str, range(50))) + "\n0, 1, 5\n0.4, 0.8, 1.0\n")
+    _, offsets, indices, _ = dataset(trace, [50], num_indices_per_lookup=5, num_indices_per_lookup_fixed=False)[0]
+    for bag in bags(offsets[0], indices[0]):
+        assert bag == sorted(set(bag))
+
+
+def test_rows_past_the_table_are_wrapped_after_removing_duplicates_as_the_original(tmp_path):
+    """The original took np.unique of a bag's rows, then their modulo: 1 and 4 on a table of 3 rows are 1 twice."""
+    trace = trace_file(tmp_path, "1, 4\n0\n1.0\n")
+    _, offsets, indices, _ = dataset(trace, [3], mini_batch_size=1, num_indices_per_lookup=2)[0]
+    assert bags(offsets[0], indices[0]) == [[1, 1]]
 
 
 def test_fixed_bags_and_rounded_targets(tmp_path):
