@@ -79,15 +79,16 @@ def measure(raw: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2_000_000)
-    parser.add_argument("--directory", type=Path, help="where the data goes (default: a temporary directory)")
+    kept = "where the data goes, kept for the next measurement of as many rows (default: a temporary directory)"
+    parser.add_argument("--directory", type=Path, help=kept)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temporary:
         directory = args.directory or Path(temporary)
         directory.mkdir(parents=True, exist_ok=True)
-        raw = directory / "train.txt"
+        raw = directory / f"distinct_rows_{args.rows}.txt"  # not a user's train.txt, whose processed files stay
         if not raw.exists():
             write_distinct_rows(raw, args.rows)
-        for made in directory.glob("*.npz"):  # processed files of an earlier measurement
+        for made in directory.glob(f"{raw.stem}_*"):  # what an earlier measurement made from it
             made.unlink()
         result = dict(rows=args.rows, **measure(raw))
     print(json.dumps(result))
