@@ -12,6 +12,7 @@ is printed. Needs matplotlib (requirements-extras.txt); a problem is one line on
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -84,7 +85,8 @@ def _is_number(value: object) -> bool:
 
 
 def plot(records: list[dict], out: Path) -> None:
-    """Three panels, one above the other, sharing the step axis; written as a PNG."""
+    """Three panels, one above the other, sharing the step axis; written as a PNG (a failed write leaves the
+    previous one as it was)."""
     try:
         import matplotlib
     except ImportError:
@@ -107,9 +109,12 @@ def plot(records: list[dict], out: Path) -> None:
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
     axes[-1].set_xlabel("step (iterations since the start of training)")
+    partial = out.resolve().with_name(f".{out.name}.partial")  # renamed over the picture once whole
     try:
-        figure.savefig(out, format="png", dpi=100)
+        figure.savefig(partial, format="png", dpi=100)
+        os.replace(partial, out.resolve())
     except OSError as error:
+        partial.unlink(missing_ok=True)
         raise MetricsError(f"{out}: cannot be written ({error.strerror or error})") from None
     finally:
         plt.close(figure)

@@ -1,5 +1,6 @@
 """bench/plot_metrics.py: a metrics file becomes a PNG; a bad input is one error line and exit status 2."""
 
+import errno
 import json
 import os
 import subprocess
@@ -138,3 +139,22 @@ def test_unwritable_out_is_one_line(tmp_path):
     out = tmp_path / "absent" / "run.png"
     result = run_plot(str(write_run(tmp_path / "run.jsonl")), "--out", str(out))
     assert_one_error_line(result, f"{out}: cannot be written (No such file or directory)")
+
+
+def test_a_failed_write_leaves_the_previous_picture(tmp_path, monkeypatch):
+    figure = pytest.importorskip("matplotlib.figure")
+    metrics = write_run(tmp_path / "run.jsonl")
+    previous = PNG_SIGNATURE + b" the previous picture"
+    (tmp_path / "run.png").write_bytes(previous)
+
+    def full_disk(self, path, **kwargs) -> None:
+        Path(path).write_bytes(PNG_SIGNATURE)  # the picture's start, then no more room
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(figure.Figure, "savefig", full_disk)
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import plot_metrics
+
+    assert plot_metrics.main([str(metrics)]) == 2
+    assert (tmp_path / "run.png").read_bytes() == previous
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run.jsonl", "run.png"]
