@@ -1534,13 +1534,15 @@ class Trainer:
         nbatches = self.train_loader.sampler.stop
         start = self.position.batch if epoch == self.position.epoch else 0
         replayed = backend.to_device(next(start_batches(self.train_loader))) if args.measure_perf else None
+        # the epoch's last line and test come with its last whole batch, before a checkpoint can be saved there
+        last = nbatches if replayed is not None else min(nbatches, whole_batches(self.train_loader))
         warmup = backend.warmup_iterations if backend.lazy else 0
         warmup_seconds = 0.0
         with torch.set_grad_enabled(self.training):
             for j, batch in enumerate(epoch_batches(self.train_loader, epoch, start, replayed), start):
                 if batch.samples < args.mini_batch_size:
                     print(f"Breaking out of the epoch as  batch was partial. Number of samples: {batch.samples}")
-                    return j > start and self.end_epoch_early(j, nbatches, epoch)
+                    return False
                 if self.iterations_here == warmup:  # compiling, which allocates once, is over
                     reuse_freed_host_memory()
                 begin = time.perf_counter()
@@ -1558,10 +1560,10 @@ class Trainer:
                 self.position = Position(epoch, j + 1, self.position.iteration + 1)
                 if args.debug_mode:
                     print(f"batch {j}: dense {batch.dense}\ntargets {batch.targets.view(-1)}\nscores {scores.view(-1)}")
-                reported = (j + 1) % args.print_freq == 0 or j + 1 == nbatches
+                reported = (j + 1) % args.print_freq == 0 or j + 1 == last
                 if reported:
                     self.report(j + 1, nbatches, epoch)
-                test_due = args.test_freq > 0 and ((j + 1) % args.test_freq == 0 or j + 1 == nbatches)
+                test_due = args.test_freq > 0 and ((j + 1) % args.test_freq == 0 or j + 1 == last)
                 if test_due and self.test(j + 1, epoch):
                     return True
                 if args.save_freq and self.position.iteration % args.save_freq == 0:
@@ -1571,13 +1573,6 @@ class Trainer:
                     print(f"Stopped by {name} after it {j + 1}/{nbatches} of epoch {epoch}")
                     return True
         return False
-
-    def end_epoch_early(self, done: int, nbatches: int, epoch: int) -> bool:
-        """A partial batch ended the epoch after ``done`` batches: the report and the test the last batch would
-        have had; True when a test reached its threshold."""
-        if self.window.stats:
-            self.report(done, nbatches, epoch)
-        return self.args.test_freq > 0 and done % self.args.test_freq != 0 and self.test(done, epoch)
 
     def step(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """One iteration on the device, then what the loop does with its loss; its scores and stats."""

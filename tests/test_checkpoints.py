@@ -76,6 +76,22 @@ def test_resuming_into_the_next_epoch_with_loader_workers(tmp_path: Path) -> Non
     assert_same_training_state(saved(tmp_path / "whole.pt"), saved(tmp_path / "end.pt"))
 
 
+def test_a_checkpoint_at_the_last_whole_batch_before_a_partial_one_resumes_exactly(tmp_path: Path) -> None:
+    # 90 samples: 5 batches of 16, then 10; --save-freq saves after it 5, before the partial batch is met
+    argv = [*TINY, *CASES["cat-adagrad"], "--data-size=90", "--print-freq=2"]
+    whole = run_script(*argv, "--nepochs=2", "--save-model", str(tmp_path / "whole.pt"))
+    first = run_script(*argv, "--save-freq=5", "--save-model", str(tmp_path / "it5.pt"))
+    resumed = run_script(*argv, "--nepochs=2", "--load-model", str(tmp_path / "it5.pt"),
+                         "--save-model", str(tmp_path / "end.pt"))  # fmt: skip
+    for result in (whole, first, resumed):
+        assert result.returncode == 0, result.stderr
+    assert re.findall(r"^Saved .* at it (\d+) of epoch 0$", first.stdout, re.M) == ["5"]
+    lines = finished_lines(whole.stdout)
+    assert [(line["epoch"], line["it"]) for line in lines] == [(0, 2), (0, 4), (0, 5), (1, 2), (1, 4), (1, 5)]
+    assert finished_lines(resumed.stdout) == lines[3:]
+    assert_same_training_state(saved(tmp_path / "whole.pt"), saved(tmp_path / "end.pt"))
+
+
 def test_save_freq_saves_every_n_iterations_and_at_the_end(tmp_path: Path) -> None:
     path = tmp_path / "model.pt"
     result = run_script(*TINY, *CASES["dot-sgd"], "--num-batches=10", "--save-freq=4", "--save-model", str(path))
