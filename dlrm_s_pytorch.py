@@ -1119,13 +1119,25 @@ class Evaluation:
     targets: np.ndarray
 
     def mlperf_metrics(self) -> dict[str, float]:
-        """Recall, precision and f1 of the rounded scores, and the average precision."""
+        """The log loss of every score (whatever --loss-function trained the model), recall, precision and f1 of
+        the rounded scores, and the average precision."""
         predicted, actual = np.round(self.scores) > 0.5, self.targets > 0.5
         hits = int((predicted & actual).sum())
         recall = hits / max(1, int(actual.sum()))
         precision = hits / max(1, int(predicted.sum()))
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        return dict(recall=recall, precision=precision, f1=f1, ap=average_precision(self.scores, self.targets))
+        ap = average_precision(self.scores, self.targets)
+        return dict(loss=log_loss(self.scores, self.targets), recall=recall, precision=precision, f1=f1, ap=ap)
+
+
+LOG_LOSS_EPS = 1e-15  # scikit-learn 0.23's log_loss (the original's) clips the scores to [eps, 1 - eps]
+
+
+def log_loss(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Mean binary cross-entropy of the scores against 0/1 targets, as the original's ``sklearn.metrics.log_loss``."""
+    p = np.clip(scores.astype(np.float64), LOG_LOSS_EPS, 1 - LOG_LOSS_EPS)
+    positive = targets > 0.5
+    return float(-np.mean(np.where(positive, np.log(p), np.log1p(-p))))
 
 
 def gather_samples(local: Tensor) -> np.ndarray:
@@ -1626,7 +1638,7 @@ class Trainer:
         if args.mlperf_logging:
             m = result.mlperf_metrics()
             print(
-                f"Testing at - {it}/{nbatches} of epoch {epoch}, loss {result.loss:.6f}, recall {m['recall']:.4f}, "
+                f"Testing at - {it}/{nbatches} of epoch {epoch}, loss {m['loss']:.6f}, recall {m['recall']:.4f}, "
                 f"precision {m['precision']:.4f}, f1 {m['f1']:.4f}, ap {m['ap']:.4f}, auc {result.auc:.4f}, "
                 f"best auc {self.best['auc']:.4f}, accuracy {100 * result.accuracy:3.3f} %, "
                 f"best accuracy {100 * self.best['accuracy']:3.3f} %",
