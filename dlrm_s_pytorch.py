@@ -1218,7 +1218,9 @@ class MLPerfLog:
     def log(self, kind: str, key: str, value: object = None, **metadata: object) -> None:
         """``kind``: start, end or event (a point in time); ``key``: a name in ``mllog.constants``."""
         if self.logger:
-            getattr(self.logger, kind)(key=getattr(self.constants, key), value=value, metadata=metadata or None)
+            log = getattr(self.logger, kind)
+            # stack_offset 2: the event names the line that called this method, not this one
+            log(key=getattr(self.constants, key), value=value, metadata=metadata or None, stack_offset=2)
 
 
 class CheckpointError(Exception):

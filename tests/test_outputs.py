@@ -264,3 +264,14 @@ def test_synthetic_trace_data_trains(tmp_path: Path) -> None:
     missing = run_script(*argv, "--data-trace-file", str(tmp_path / "absent_j.log"))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert "--data-trace-file" in missing.stderr and "absent_0.log" in missing.stderr
+
+
+def test_mlperf_events_name_the_line_that_logged_them(monkeypatch) -> None:
+    pytest.importorskip("mlperf_logging")
+    log = dlrm_s_pytorch.MLPerfLog(enabled=True)
+    lines = []
+    monkeypatch.setattr(log.logger, "_do_log", lambda level, message, clear_line=False: lines.append(message))
+    log.log("event", "EVAL_ACCURACY", 0.5, epoch_num=0)
+    here = sys._getframe().f_lineno - 1
+    event = json.loads(lines[0].removeprefix(":::MLLOG "))
+    assert (Path(event["metadata"]["file"]).name, event["metadata"]["lineno"]) == (Path(__file__).name, here)
