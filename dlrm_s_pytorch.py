@@ -1298,6 +1298,19 @@ def load_tensor(path: Path, kind: str, name: str, saved: dict, target: Tensor) -
     target.copy_(found)
 
 
+def load_weights(path: Path, model: DLRM, saved: dict) -> None:
+    """Every weight of ``model`` from ``saved``, which must hold no other: the layers of a deeper MLP can have the
+    shapes of a shallower one's."""
+    names = set()
+    for name, weight in model.named_weights():
+        load_tensor(path, "tensor", name, saved, weight)
+        names.add(name)
+    extra = [name for name in saved if name not in names]
+    if extra:
+        raise CheckpointError(f"--load-model {path}: it has tensor {extra[0]!r}, which this model has not "
+                              "(saved from a different model?)")  # fmt: skip
+
+
 def numpy_rng_state() -> dict:
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     return dict(keys=torch.from_numpy(keys.astype(np.int64)), position=position, has_gauss=has_gauss, gauss=gauss)
@@ -1375,8 +1388,7 @@ class Trainer:
             with fields_of(self.loaded_from):
                 self.check_saved_model(checkpoint)
                 self.saved_at = Position.saved(checkpoint["position"])
-                for name, weight in model.named_weights():
-                    load_tensor(self.loaded_from, "tensor", name, checkpoint["weights"], weight)
+                load_weights(self.loaded_from, model, checkpoint["weights"])
         if self.training:
             for table in model.embeddings:
                 table.set_optimizer(args.optimizer, args.learning_rate)

@@ -447,6 +447,17 @@ def test_a_model_of_another_interaction_is_refused_where_its_weights_fit(tmp_pat
     assert dlrm_s_pytorch.main([*argv, "--arch-interaction-op=dot", "--inference-only", "--load-model", str(path)]) == 0
 
 
+@pytest.mark.parametrize("inference_only", [False, True])
+def test_a_deeper_model_whose_first_layers_fit_is_refused(tmp_path: Path, capsys, inference_only: bool) -> None:
+    argv = [*TINY, *CASES["cat-adagrad"], "--num-batches=2"]
+    path = tmp_path / "deep.pt"
+    assert dlrm_s_pytorch.main([*argv, "--arch-mlp-bot=5-4-4", "--save-model", str(path)]) == 0
+    flags = ["--inference-only"] if inference_only else ["--num-batches=3"]
+    assert dlrm_s_pytorch.main([*argv, *flags, "--arch-mlp-bot=5-4", "--load-model", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has tensor 'bottom_mlp.2.weight', which this model has not" in err, err
+
+
 @pytest.mark.parametrize("checkpoint", ["typo.pt", "truncated.pt"])
 def test_a_bad_checkpoint_stops_the_run_before_the_data_is_prepared(tmp_path: Path, capsys, checkpoint: str) -> None:
     raw = write_kaggle(tmp_path, rows=700)
