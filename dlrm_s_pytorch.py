@@ -852,6 +852,12 @@ def start_batches(loader: torch.utils.data.DataLoader) -> Iterator[Batch]:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
+def whole_batches(loader: torch.utils.data.DataLoader) -> int:
+    """Batches of the full size: all of them, or all but a partial last one."""
+    count = len(loader.dataset)
+    return count - (count > 0 and loader.dataset[count - 1][0].size(0) < loader.collate_fn.batch_size)
+
+
 def epoch_batches(
     loader: torch.utils.data.DataLoader, epoch: int, start: int, replayed: Batch | None
 ) -> Iterable[Batch]:
@@ -1963,12 +1969,6 @@ def build(args: argparse.Namespace, sizes: Sizes, backend: Backend, ranks: Ranks
             batch_size = test_loader.collate_fn.batch_size
             raise UsageError(f"--test-mini-batch-size: the test split holds no whole batch of {batch_size} samples")
     return Trainer(args, model, backend, (train_loader, test_loader), ranks, checkpoint)
-
-
-def whole_batches(loader: torch.utils.data.DataLoader) -> int:
-    """Batches of the full size: all of them, or all but a partial last one."""
-    count = len(loader.dataset)
-    return count - (count > 0 and loader.dataset[count - 1][0].size(0) < loader.collate_fn.batch_size)
 
 
 def fail(code: int, message: str) -> int:
