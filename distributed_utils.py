@@ -172,7 +172,10 @@ def init_process_group(ranks: Ranks, backend: str) -> None:
     if not 0 <= _whole_number("MASTER_PORT") <= 65535:
         raise ValueError(f"MASTER_PORT={os.environ['MASTER_PORT']}: not a port number (0 to 65535)")
     if backend == "hccl":
-        importlib.import_module("habana_frameworks.torch.distributed.hccl")  # registers the backend
+        try:
+            importlib.import_module("habana_frameworks.torch.distributed.hccl")  # registers the backend
+        except ImportError as e:
+            raise ValueError(f"Habana's bridge has no hccl backend: {e}") from None
     dist.init_process_group(backend, rank=ranks.rank, world_size=ranks.world_size, timeout=timedelta(seconds=TIMEOUT_S))
 
 

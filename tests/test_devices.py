@@ -369,3 +369,11 @@ def test_the_double_splits_rows_when_told_a_too_small_largest_index(habana) -> N
     indices, offsets = torch.tensor([5000, 904, 5000], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32)
     assert EmbeddingBagPreproc.forward(indices, offsets, 5000)[0].item() == 2
     assert EmbeddingBagPreproc.forward(indices, offsets, 4)[0].item() == 3
+
+
+def test_hpu_without_the_hccl_backend_is_one_line_and_exit_2(habana, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # join_ranks would set them for the rest of the tests
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert dlrm_s_pytorch.main([*TINY, "--num-batches=1", "--device=hpu", "--distributed"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hccl cannot start" in err and "habana_frameworks.torch.distributed" in err
