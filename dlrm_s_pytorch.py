@@ -1484,8 +1484,9 @@ class Trainer:
 
     def weights_finite(self) -> bool:
         """Every rank's weights are finite (a model that diverged since its last printed line may not be). Told by
-        their extremes, which a NaN or an infinity becomes: ``isfinite`` would allocate a byte for every weight."""
-        weights = (weight.detach() for _, weight in self.model.named_weights())
+        their extremes, which a NaN or an infinity becomes: ``isfinite`` would allocate a byte for every weight.
+        A rank may hold no rows of a table split across more ranks than it has rows: that empty shard has none."""
+        weights = (weight.detach() for _, weight in self.model.named_weights() if weight.numel())
         extremes = torch.stack([torch.stack(torch.aminmax(weight)).float() for weight in weights])
         finite = torch.isfinite(extremes).all().int()
         if dist.is_initialized():

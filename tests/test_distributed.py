@@ -106,6 +106,17 @@ def test_two_ranks_save_per_rank_checkpoints_and_resume_exactly(tmp_path: Path) 
     assert failed[0].stderr.count("\n") == 1, failed[0].stderr
 
 
+def test_a_rank_holding_no_rows_of_a_table_saves_and_resumes(tmp_path: Path) -> None:
+    argv = [*TINY[:-1], "--arch-embedding-size=1", "--arch-mlp-top=8-6-1", "--optimizer=adagrad"]
+    whole = run_ranks([*argv, "--num-batches=8"])
+    first = run_ranks([*argv, "--num-batches=4", "--save-model", str(tmp_path / "m.pt")])
+    assert "rank 0: table 0 rows none" in first[0].stdout
+    assert [rank.returncode for rank in first] == [0, 0], [rank.stderr for rank in first]
+    resumed = run_ranks([*argv, "--num-batches=8", "--load-model", str(tmp_path / "m.pt")])
+    assert [rank.returncode for rank in resumed] == [0, 0], [rank.stderr for rank in resumed]
+    assert finished_lines(resumed[0].stdout) == finished_lines(whole[0].stdout)[4:]
+
+
 def test_two_ranks_test_criteo_data_as_one_rank(tmp_path: Path) -> None:
     raw = write_kaggle(tmp_path, rows=7 * 640)
     argv = ["--data-generation=dataset", f"--raw-data-file={raw}", "--arch-sparse-feature-size=4"]
