@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import os
 import resource
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, is_dataclass, replace
 from types import ModuleType
@@ -740,7 +741,13 @@ def select_backend(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "hpu":
         if not _habana_bridge(lazy):
-            raise DeviceUnavailable(f"{flag}: no Gaudi card here (habana_frameworks.torch does not import)")
+            imported = "habana_frameworks.torch.hpu" in sys.modules
+            why = (
+                "habana_frameworks.torch.hpu.is_available() is False"
+                if imported
+                else "habana_frameworks.torch does not import"
+            )
+            raise DeviceUnavailable(f"{flag}: no Gaudi card here ({why})")
         return HPUBackend(lazy)
     if device == "cuda":
         if not torch.cuda.is_available():

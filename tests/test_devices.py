@@ -377,3 +377,13 @@ def test_hpu_without_the_hccl_backend_is_one_line_and_exit_2(habana, monkeypatch
     assert dlrm_s_pytorch.main([*TINY, "--num-batches=1", "--device=hpu", "--distributed"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "hccl cannot start" in err and "habana_frameworks.torch.distributed" in err
+
+
+def test_hpu_with_the_bridge_but_no_card_says_so(habana, monkeypatch, capsys) -> None:
+    import habana_frameworks.torch.hpu
+
+    monkeypatch.setattr(habana_frameworks.torch.hpu, "is_available", lambda: False)
+    assert dlrm_s_pytorch.main([*TINY, "--device=hpu"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "--device hpu: no Gaudi card here" in err
+    assert "is_available() is False" in err and "does not import" not in err
