@@ -529,6 +529,14 @@ def _check_no_overwrite(args: argparse.Namespace, world_size: int) -> None:
             raise UsageError(f"{flag} {path}: would overwrite the {other} file")
 
 
+def _check_rank_outputs(args: argparse.Namespace, world_size: int) -> None:
+    """Every rank's output files: none overwrites another file, and each rank's checkpoint can be written."""
+    _check_no_overwrite(args, world_size)
+    if args.save_model:
+        for rank in range(1, world_size):
+            _check_writable("--save-model", str(checkpoint_file(args.save_model, rank)))
+
+
 def _check_run_flags(args: argparse.Namespace) -> None:
     _check_rank_flags(args, args.world_size, f"--world_size {args.world_size}")
     for dest in ("load_model", "processed_data_file"):
@@ -538,7 +546,7 @@ def _check_run_flags(args: argparse.Namespace) -> None:
         path = getattr(args, dest)
         if path:
             _check_writable(_flag_name(dest), path)
-    _check_no_overwrite(args, args.world_size)
+    _check_rank_outputs(args, args.world_size)
     if args.load_model and not Path(args.load_model).exists():  # found out before the data is prepared
         raise UsageError(f"--load-model {args.load_model}: no such file")
     if args.tensorboard:
@@ -1940,7 +1948,7 @@ def join_ranks(args: argparse.Namespace, backend: Backend, ranks: Ranks | None) 
         raise UsageError(f"--world_size {args.world_size}: the launcher started {started}")
     _check_rank_flags(args, ranks.world_size, started)
     if ranks.world_size != args.world_size:  # a launcher's ranks, which parsing could not count: their files
-        _check_no_overwrite(args, ranks.world_size)
+        _check_rank_outputs(args, ranks.world_size)
     try:
         distributed_utils.init_process_group(ranks, backend.process_group)
     except (RuntimeError, ValueError) as e:

@@ -315,6 +315,19 @@ def test_bad_distributed_input_is_one_line_and_exit_2(monkeypatch, capsys, tmp_p
     assert out == "" and err.count("\n") == 1 and message in err, err
 
 
+@pytest.mark.parametrize("env, argv", [({}, ["-w", "2"]), (dict(RANK="0", WORLD_SIZE="2"), [])])
+def test_a_ranks_checkpoint_that_cannot_be_written_stops_before_training(monkeypatch, capsys, tmp_path, env, argv):
+    monkeypatch.chdir(tmp_path)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "m.pt.rank1").mkdir()
+    assert dlrm_s_pytorch.main(["--mini-batch-size=16", "--save-model=m.pt", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "dlrm_s_pytorch.py: error: --save-model m.pt.rank1: not a regular file\n"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The plan
 # ---------------------------------------------------------------------------------------------------------
