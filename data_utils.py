@@ -1347,10 +1347,11 @@ class atomic_write:
         return self.temp
 
     def __exit__(self, error_type: type | None, *_: object) -> None:
-        if error_type is None:
-            os.replace(self.temp, self.path)
-        else:
-            self.temp.unlink(missing_ok=True)
+        try:
+            if error_type is None:
+                os.replace(self.temp, self.path)
+        finally:
+            self.temp.unlink(missing_ok=True)  # after a rename, gone already
 
 
 Member = np.ndarray | tuple[tuple[int, ...], np.dtype, Iterable[np.ndarray | bytes]]

@@ -1110,3 +1110,11 @@ def test_the_test_data_carries_a_learnable_signal(tmp_path: Path) -> None:
     positives = labels.sum()
     auc = (ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * (len(labels) - positives))
     assert auc >= 0.75
+
+
+def test_atomic_write_removes_its_temporary_file_when_the_rename_fails(tmp_path: Path) -> None:
+    target = tmp_path / "m.pt"
+    (target / "inside").mkdir(parents=True)  # a folder that is not empty: the rename over it fails
+    with pytest.raises(OSError), data_utils.atomic_write(target) as temporary:
+        temporary.write_bytes(b"checkpoint")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
