@@ -2068,7 +2068,10 @@ def main(argv: list[str]) -> int:
             return fail(2, first_line(e))
     if not dist.is_initialized():
         return code
-    dist.barrier()
+    try:
+        dist.barrier()
+    except (dist.DistError, RuntimeError) as e:  # a rank that failed at its end (renaming its checkpoint) is gone
+        return fail(1, f"rank {ranks.rank} stopped: {first_line(e)}")
     dist.destroy_process_group()
     leave_group(code)
 

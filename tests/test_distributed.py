@@ -328,6 +328,28 @@ def test_a_ranks_checkpoint_that_cannot_be_written_stops_before_training(monkeyp
     assert out == "" and err == "dlrm_s_pytorch.py: error: --save-model m.pt.rank1: not a regular file\n"
 
 
+def test_a_rank_gone_at_the_last_barrier_is_one_line_and_exit_1(monkeypatch, capsys, tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(distributed_utils.free_port()))
+
+    def gone() -> None:
+        raise RuntimeError("Connection closed by peer")
+
+    def leave(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(torch.distributed, "barrier", gone)  # as when another rank failed at its end
+    monkeypatch.setattr(dlrm_s_pytorch, "leave_group", leave)  # it would end pytest
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            dlrm_s_pytorch.main([*TINY, "--arch-embedding-size=40-7", "--arch-mlp-top=12-6-1", "--distributed"])
+    finally:
+        torch.distributed.destroy_process_group()
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and err == "dlrm_s_pytorch.py: error: rank 0 stopped: Connection closed by peer\n"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The plan
 # ---------------------------------------------------------------------------------------------------------
