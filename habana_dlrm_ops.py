@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib
 import os
 import resource
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields, is_dataclass, replace
 from types import ModuleType
@@ -709,19 +708,22 @@ class HPUBackend(Backend):
         return f"Peak HPU memory: {self.hpu.max_memory_allocated() / 2**20:.1f} MB"
 
 
-def _habana_bridge(lazy: bool) -> bool:
-    """Import the Habana bridge with ``PT_HPU_LAZY_MODE`` set from the mode; whether a card is there."""
+def _habana_card_missing(lazy: bool) -> str | None:
+    """Import the Habana bridge with ``PT_HPU_LAZY_MODE`` set from the mode; why no card can be used, or None."""
     previous = os.environ.get("PT_HPU_LAZY_MODE")
     os.environ["PT_HPU_LAZY_MODE"] = "1" if lazy else "0"
     try:
         importlib.import_module("habana_frameworks.torch.core")
-        return bool(importlib.import_module("habana_frameworks.torch.hpu").is_available())
+        if importlib.import_module("habana_frameworks.torch.hpu").is_available():
+            return None
+        why = "habana_frameworks.torch.hpu.is_available() is False"
     except ImportError:
-        if previous is None:
-            del os.environ["PT_HPU_LAZY_MODE"]
-        else:
-            os.environ["PT_HPU_LAZY_MODE"] = previous
-        return False
+        why = "habana_frameworks.torch does not import"
+    if previous is None:
+        del os.environ["PT_HPU_LAZY_MODE"]
+    else:
+        os.environ["PT_HPU_LAZY_MODE"] = previous
+    return why
 
 
 def select_backend(
@@ -736,17 +738,11 @@ def select_backend(
     if device == "auto" and use_gpu:
         device, flag = "cuda", "--use-gpu"
     if device == "auto":
-        if not no_habana and _habana_bridge(lazy):
+        if not no_habana and _habana_card_missing(lazy) is None:
             return HPUBackend(lazy)
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "hpu":
-        if not _habana_bridge(lazy):
-            imported = "habana_frameworks.torch.hpu" in sys.modules
-            why = (
-                "habana_frameworks.torch.hpu.is_available() is False"
-                if imported
-                else "habana_frameworks.torch does not import"
-            )
+        if why := _habana_card_missing(lazy):
             raise DeviceUnavailable(f"{flag}: no Gaudi card here ({why})")
         return HPUBackend(lazy)
     if device == "cuda":

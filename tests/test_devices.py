@@ -1,6 +1,7 @@
 """Device backends (SPEC §4, §5): device selection, lazy mode on the CPU, CUDA, and Gaudi through a test double."""
 
 import collections
+import os
 import re
 import sys
 
@@ -383,7 +384,9 @@ def test_hpu_with_the_bridge_but_no_card_says_so(habana, monkeypatch, capsys) ->
     import habana_frameworks.torch.hpu
 
     monkeypatch.setattr(habana_frameworks.torch.hpu, "is_available", lambda: False)
+    monkeypatch.delenv("PT_HPU_LAZY_MODE", raising=False)
     assert dlrm_s_pytorch.main([*TINY, "--device=hpu"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "--device hpu: no Gaudi card here" in err
     assert "is_available() is False" in err and "does not import" not in err
+    assert "PT_HPU_LAZY_MODE" not in os.environ  # set for the bridge's import, and no card took it
