@@ -55,6 +55,7 @@ try:  # loading torch takes seconds: Ctrl-C meanwhile stops as it does later, wi
         RowGrouper,
         TorchKernels,
         preprocess_bags,
+        resolve_device,
         select_backend,
     )
 except KeyboardInterrupt:
@@ -2008,9 +2009,10 @@ def main(argv: list[str]) -> int:
         if launched is not None:
             distributed_utils.stop_when_orphaned()
         local_rank = launched.local_rank if launched else 0
-        backend = select_backend(args.device, args.mode == "lazy", args.no_habana, args.use_gpu, local_rank)
+        lazy = args.mode == "lazy"
+        device_type = resolve_device(args.device, lazy, args.no_habana, args.use_gpu)
         gpus = torch.cuda.device_count()
-        if backend.device.type == "cuda" and args.world_size > gpus:
+        if device_type == "cuda" and args.world_size > gpus:
             raise UsageError(f"--world_size {args.world_size}: nccl needs a GPU per rank, {gpus} here")
         if launched is None and args.world_size > 1:  # start the ranks, each of them this script
             cores = data_utils.usable_cores()
@@ -2022,6 +2024,7 @@ def main(argv: list[str]) -> int:
             if args.data_generation == "synthetic":
                 read_traces(args, sizes)  # a bad trace file is reported here once, not by every rank
             return distributed_utils.spawn_ranks([sys.executable, os.path.abspath(__file__), *argv], args.world_size)
+        backend = select_backend(device_type, lazy, local_rank=local_rank)
         ranks = join_ranks(args, backend, launched)
     except (DeviceUnavailable, UsageError, DataError, ValueError) as e:
         return fail(2, first_line(e))

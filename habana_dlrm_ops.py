@@ -726,29 +726,38 @@ def _habana_card_missing(lazy: bool) -> str | None:
     return why
 
 
-def select_backend(
-    device: str, lazy: bool, no_habana: bool = False, use_gpu: bool = False, local_rank: int = 0
-) -> Backend:
-    """``device`` is auto, cpu, cuda or hpu; auto takes a Gaudi card, else a GPU, else the CPU.
+def resolve_device(device: str, lazy: bool, no_habana: bool = False, use_gpu: bool = False) -> str:
+    """The device type (cpu, cuda or hpu) that ``device`` (auto, cpu, cuda or hpu) names, checked to be here; auto
+    takes a Gaudi card, else a GPU, else the CPU.
 
-    ``no_habana`` (``--no-habana``) rules the Gaudi card out and ``use_gpu`` (``--use-gpu``) asks for the GPU,
-    as in the original. ``local_rank`` picks the rank's GPU.
+    ``no_habana`` (``--no-habana``) rules the Gaudi card out and ``use_gpu`` (``--use-gpu``) asks for the GPU, as
+    in the original. Nothing is placed on a GPU: the launcher of ``--world_size`` ranks asks this too, and a CUDA
+    context of its own would hold memory on GPU 0 for the whole run (or, on a GPU in exclusive-process mode, keep
+    rank 0 off it).
     """
     flag = f"--device {device}"
     if device == "auto" and use_gpu:
         device, flag = "cuda", "--use-gpu"
     if device == "auto":
         if not no_habana and _habana_card_missing(lazy) is None:
-            return HPUBackend(lazy)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "hpu":
-        if why := _habana_card_missing(lazy):
-            raise DeviceUnavailable(f"{flag}: no Gaudi card here ({why})")
+            return "hpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "hpu" and (why := _habana_card_missing(lazy)):
+        raise DeviceUnavailable(f"{flag}: no Gaudi card here ({why})")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable(f"{flag}: no CUDA GPU here (torch.cuda.is_available() is False)")
+    return device
+
+
+def select_backend(
+    device: str, lazy: bool, no_habana: bool = False, use_gpu: bool = False, local_rank: int = 0
+) -> Backend:
+    """The backend of the device ``resolve_device`` finds; ``local_rank`` picks the rank's GPU."""
+    device_type = resolve_device(device, lazy, no_habana, use_gpu)
+    if device_type == "hpu":
         return HPUBackend(lazy)
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceUnavailable(f"{flag}: no CUDA GPU here (torch.cuda.is_available() is False)")
+    if device_type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise DeviceUnavailable(f"{flag}: local rank {local_rank} has no GPU ({torch.cuda.device_count()} here)")
+            raise DeviceUnavailable(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} here)")
         return CUDABackend(lazy, local_rank)
     return Backend(lazy)

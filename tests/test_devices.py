@@ -64,6 +64,18 @@ def test_contradicting_device_flags_exit_2(argv: list[str], message: str, capsys
     assert message in capsys.readouterr().err
 
 
+def test_the_launcher_of_ranks_leaves_the_gpus_to_them(monkeypatch) -> None:
+    """With ``--world_size 2`` on CUDA this process only starts the ranks: a CUDA context of its own would hold
+    memory on GPU 0 all run long, or keep rank 0 off a GPU in exclusive-process mode."""
+    started = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: started.append(f"set_device({device})"))
+    monkeypatch.setattr(dlrm_s_pytorch.distributed_utils, "spawn_ranks", lambda argv, n: started.append(n) or 0)
+    assert dlrm_s_pytorch.main([*TINY, "--device=cuda", "--world_size=2"]) == 0
+    assert started == [2]
+
+
 def test_auto_without_gpu_or_gaudi_is_the_cpu() -> None:
     backend = habana_dlrm_ops.select_backend("auto", lazy=False)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
