@@ -2079,9 +2079,11 @@ def main(argv: list[str]) -> int:
     leave_group(code)
 
 
-class ReaderGoneOutput:
-    """``sys.stdout`` that, once its reader has left (``| head``), writes nowhere instead of raising
-    BrokenPipeError: the run goes on, or, while training, stops at the end of the iteration and saves (SIGPIPE)."""
+class UnfailingOutput:
+    """``sys.stdout`` whose failed writes do not end the run. Once its reader has left (``| head``) it writes
+    nowhere: the run goes on, or, while training, stops at the end of the iteration and saves (SIGPIPE). When it
+    cannot write for another reason (a full disk) it says so once on stderr and writes nowhere: the run goes on,
+    and its checkpoint is saved where there is room."""
 
     def __init__(self, stream: object) -> None:
         self.stream = stream
@@ -2089,17 +2091,21 @@ class ReaderGoneOutput:
     def write(self, text: str) -> int:
         try:
             return self.stream.write(text)
-        except BrokenPipeError:
-            self.write_nowhere()
+        except OSError as e:
+            self.write_nowhere(e)
             return len(text)
 
     def flush(self) -> None:
         try:
             self.stream.flush()
-        except BrokenPipeError:
-            self.write_nowhere()
+        except OSError as e:
+            self.write_nowhere(e)
 
-    def write_nowhere(self) -> None:
+    def write_nowhere(self, error: OSError) -> None:
+        if not isinstance(error, BrokenPipeError):
+            with contextlib.suppress(OSError):  # stderr may be on the same full disk
+                print(f"stdout: cannot write it ({error.strerror}); the run goes on, its output from here on is "
+                      "lost", file=sys.stderr, flush=True)  # fmt: skip
         nowhere = os.open(os.devnull, os.O_WRONLY)
         os.dup2(nowhere, self.stream.fileno())  # what is still buffered goes there too, at exit
         os.close(nowhere)
@@ -2109,7 +2115,7 @@ class ReaderGoneOutput:
 
 
 if __name__ == "__main__":
-    sys.stdout = ReaderGoneOutput(sys.stdout)
+    sys.stdout = UnfailingOutput(sys.stdout)
     try:
         sys.exit(main(sys.argv[1:]))
     except KeyboardInterrupt:

@@ -185,6 +185,19 @@ def test_a_run_whose_output_reader_leaves_saves_and_stops_as_by_sigpipe(tmp_path
     assert 0 < saved(path)["position"]["iteration"] < 100000
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a file that is always full")
+def test_output_on_a_full_disk_is_one_line_and_the_run_still_saves(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    argv = [*TINY, *CASES["cat-adagrad"], "--num-batches=3", "--save-model", str(path)]
+    with open("/dev/full", "w") as full:
+        process = subprocess.run([sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *argv], cwd=tmp_path,
+                                 stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)  # fmt: skip
+    assert process.returncode == 0, process.stderr
+    assert process.stderr == "stdout: cannot write it (No space left on device); the run goes on, its output " \
+                             "from here on is lost\n"  # fmt: skip
+    assert saved(path)["position"]["iteration"] == 3
+
+
 def test_a_second_ctrl_c_stops_a_long_iteration_at_once(tmp_path: Path, monkeypatch) -> None:
     """Lazy mode's first iteration compiles for seconds (minutes on the medium model): the first Ctrl-C would
     wait for it to end; the second stops the run there, leaving the last checkpoint as it was (none yet)."""
