@@ -948,9 +948,7 @@ class DensePath(nn.Module):
         with torch.autocast(dense.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             scores = self.predict(dense, pooled).float()
         finite = torch.isfinite(scores)
-        scores = torch.where(finite, scores, 0.5)  # a diverged run is reported, not a crash inside the loss
-        if 0.0 < self.loss_threshold < 1.0:
-            scores = torch.clamp(scores, min=self.loss_threshold, max=1.0 - self.loss_threshold)
+        scores = self.clamp(torch.where(finite, scores, 0.5))  # a diverged run is reported, not a crash in the loss
         loss = self.loss(scores, targets)
         correct = (torch.round(scores) == targets).sum()
         stats = torch.stack([loss.detach(), correct.float(), (~finite).sum().float()])
@@ -959,6 +957,12 @@ class DensePath(nn.Module):
     def predict(self, dense: Tensor, pooled: list[Tensor]) -> Tensor:
         """The click probability of each sample."""
         return self.top_mlp(self.interact(self.bottom_mlp(dense), pooled))
+
+    def clamp(self, scores: Tensor) -> Tensor:
+        """The scores within [t, 1 - t] for a --loss-threshold t in (0, 1): the original's model returned them so."""
+        if 0.0 < self.loss_threshold < 1.0:
+            return torch.clamp(scores, min=self.loss_threshold, max=1.0 - self.loss_threshold)
+        return scores
 
     def interact(self, x: Tensor, pooled: list[Tensor]) -> Tensor:
         if self.interaction == "cat":
@@ -1749,7 +1753,7 @@ class ServingDLRM(nn.Module):
 
     def forward(self, dense: Tensor, *bags: Tensor) -> Tensor:
         pooled = [table(bags[2 * t], bags[2 * t + 1]) for t, table in enumerate(self.tables)]
-        return self.dense.predict(dense, pooled)
+        return self.dense.clamp(self.dense.predict(dense, pooled))
 
 
 def serving_inputs(batch: Batch) -> tuple[Tensor, ...]:

@@ -15,6 +15,8 @@ from conftest import ROOT, finished_lines, run_script
 
 import dlrm_s_pytorch
 import trace_data
+from distributed_utils import Ranks
+from habana_dlrm_ops import group_rows
 
 TINY = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=5-8-4", "--mini-batch-size=16", "--learning-rate=0.05"]
 TINY += ["--num-indices-per-lookup=6", "--arch-embedding-size=40-7-200-25", "--arch-mlp-top=20-6-1"]
@@ -103,6 +105,19 @@ def test_onnx_export_matches_pytorch(flags: list[str], written: str, tmp_path: P
     assert (tmp_path / written).stat().st_size > 0 and f"ONNX model written to {written}" in result.stdout
     difference = re.search(r"largest difference from PyTorch (\S+)", result.stdout)
     assert difference and float(difference[1]) < 1e-5, result.stdout
+
+
+def test_the_served_model_clamps_its_scores_as_the_trained_one() -> None:
+    """--loss-threshold clamps the model's scores (in the original's forward), so the exported ones too."""
+    args, sizes, _ = dlrm_s_pytorch.parse_command_line([*TINY, "--num-batches=1", "--loss-threshold=0.499"])
+    model = dlrm_s_pytorch.DLRM(args, sizes)
+    preprocess = dlrm_s_pytorch.Preprocessor(args, 16, sizes, model.shards, Ranks(0, 1, 0, 1), group_rows)
+    batch = preprocess(dlrm_s_pytorch.RandomDataset(args, sizes)[0])
+    with torch.no_grad():
+        scores, _, _ = model.dense(batch.dense, model.lookup(batch.bags, 16), batch.targets)
+        served = dlrm_s_pytorch.ServingDLRM(model)(*dlrm_s_pytorch.serving_inputs(batch))
+    assert scores.min() == 0.499 or scores.max() == 1 - 0.499
+    torch.testing.assert_close(served, scores, atol=1e-6, rtol=0)
 
 
 def test_a_model_onnxruntime_cannot_run_is_one_line_and_stays_written(
