@@ -1702,7 +1702,7 @@ class Trainer:
         """Loss, accuracy and ROC AUC over the whole test split (a last partial batch is left out); None when a
         signal stops it part-way (a test pass can outlast the grace a batch scheduler gives before it kills)."""
         batch_size = self.test_loader.collate_fn.batch_size
-        losses, correct, non_finite, scores, targets = [], 0.0, 0.0, [], []
+        stats, scores, targets = [], [], []
         for k, batch in enumerate(epoch_batches(self.test_loader, 0, 0, None)):
             if k and k % TEST_BATCHES_BETWEEN_STOP_CHECKS == 0 and self.stopping(agree=True):
                 return None
@@ -1710,22 +1710,21 @@ class Trainer:
                 print(f"Breaking out of the epoch as  test batch was partial. Number of samples: {batch.samples}")
                 break
             batch = self.backend.to_device(batch)
-            batch_scores, _, stats = self.forward(batch)
-            losses.append(stats[0])
-            correct += stats[1]
-            non_finite += stats[2]
+            batch_scores, _, batch_stats = self.forward(batch)
+            stats.append(batch_stats)
             scores.append(batch_scores.detach().float().view(-1))
             targets.append(batch.targets.view(-1))
             self.backend.mark_step()
-        if int(non_finite):
+        totals = torch.stack(stats)  # per batch: a float32 running count of correct predictions is inexact past 2**24
+        if int(totals[:, 2].sum()):
             raise DivergedError("the test scores are not finite (a diverged model?)")
         all_scores, all_targets = gather_samples(torch.cat(scores)), gather_samples(torch.cat(targets))
         world_size = dist.get_world_size() if dist.is_initialized() else 1
-        totals = torch.stack([torch.stack(losses).sum(), torch.as_tensor(correct, device=losses[0].device)])
         if dist.is_initialized():
             dist.all_reduce(totals)
-        loss = float(totals[0]) / (world_size * len(losses))
-        accuracy = float(totals[1]) / all_scores.size
+        totals = totals.cpu().double()
+        loss = float(totals[:, 0].sum()) / (world_size * len(stats))
+        accuracy = float(totals[:, 1].sum()) / all_scores.size
         return Evaluation(loss, accuracy, roc_auc(all_scores, all_targets), all_scores, all_targets)
 
 

@@ -12,6 +12,10 @@ import torch
 from conftest import ROOT, finished_lines, run_script
 from criteo_files import write_kaggle, write_terabyte, write_upstream_processed
 
+import dlrm_s_pytorch
+from distributed_utils import Ranks
+from habana_dlrm_ops import select_backend
+
 SMALL = ["--config", str(ROOT / "hb_configs" / "small.yaml"), "--data-generation=dataset"]
 TINY = ["--arch-sparse-feature-size=4", "--arch-mlp-bot=13-8-4", "--arch-mlp-top=16-1", "--mini-batch-size=64"]
 TINY += ["--learning-rate=0.05", "--optimizer=adagrad", "--print-freq=10", "--data-generation=dataset"]
@@ -92,6 +96,26 @@ def test_a_partial_last_batch_still_gets_the_epochs_last_line_and_test(tmp_path:
         (1, 9),
     ]
     assert [t["it"] for t in printed_tests(result.stdout)] == [4, 8, 9, 4, 8, 9]
+
+
+def test_the_test_counts_correct_predictions_exactly_past_2_24(monkeypatch) -> None:
+    """The test's correct predictions add up exactly: a float32 running sum rounds them past 2**24 (Terabyte's test
+    split holds 89 M samples); the original counted them in integers."""
+    args, sizes, _ = dlrm_s_pytorch.parse_command_line(["--num-batches=2", "--round-targets"])
+    backend, ranks = select_backend("cpu", lazy=False), Ranks(0, 1, 0, 1)
+    trainer = dlrm_s_pytorch.build(args, sizes, backend, ranks)
+    trainer.test_loader = dlrm_s_pytorch.make_loader(
+        args, trainer.train_loader.dataset, sizes, backend, trainer.model.shards, ranks, test=True
+    )
+    counts, forward = iter([2.0**24, 1.0]), trainer.forward
+
+    def forward_with_counts(batch):  # the two batches count 2**24 and 1 correct predictions
+        scores, loss, stats = forward(batch)
+        return scores, loss, torch.stack([stats[0], torch.tensor(next(counts)), stats[2]])
+
+    monkeypatch.setattr(trainer, "forward", forward_with_counts)
+    result = trainer.evaluate()
+    assert result.accuracy * result.scores.size == 2**24 + 1
 
 
 def test_a_test_split_without_a_whole_batch_stops_before_training(tmp_path: Path) -> None:
