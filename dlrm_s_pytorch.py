@@ -530,12 +530,19 @@ def _check_no_overwrite(args: argparse.Namespace, world_size: int) -> None:
             raise UsageError(f"{flag} {path}: would overwrite the {other} file")
 
 
-def _check_rank_outputs(args: argparse.Namespace, world_size: int) -> None:
-    """Every rank's output files: none overwrites another file, and each rank's checkpoint can be written."""
+def _check_rank_files(args: argparse.Namespace, world_size: int) -> None:
+    """Every rank's files: no output overwrites another file, each rank's checkpoint can be written, and each rank's
+    checkpoint to load is there (one missing beside rank 0's: fewer ranks saved it)."""
     _check_no_overwrite(args, world_size)
     if args.save_model:
         for rank in range(1, world_size):
             _check_writable("--save-model", str(checkpoint_file(args.save_model, rank)))
+    if args.load_model and Path(args.load_model).exists():
+        for rank in range(1, world_size):
+            rank_file = checkpoint_file(args.load_model, rank)
+            if not rank_file.exists():
+                raise UsageError(f"--load-model {args.load_model}: {rank_file} is missing (saved by fewer than "
+                                 f"{world_size} ranks?)")  # fmt: skip
 
 
 def _check_run_flags(args: argparse.Namespace) -> None:
@@ -547,7 +554,7 @@ def _check_run_flags(args: argparse.Namespace) -> None:
         path = getattr(args, dest)
         if path:
             _check_writable(_flag_name(dest), path)
-    _check_rank_outputs(args, args.world_size)
+    _check_rank_files(args, args.world_size)
     if args.load_model and not Path(args.load_model).exists():  # found out before the data is prepared
         raise UsageError(f"--load-model {args.load_model}: no such file")
     if args.tensorboard:
@@ -1952,7 +1959,7 @@ def join_ranks(args: argparse.Namespace, backend: Backend, ranks: Ranks | None) 
         raise UsageError(f"--world_size {args.world_size}: the launcher started {started}")
     _check_rank_flags(args, ranks.world_size, started)
     if ranks.world_size != args.world_size:  # a launcher's ranks, which parsing could not count: their files
-        _check_rank_outputs(args, ranks.world_size)
+        _check_rank_files(args, ranks.world_size)
     try:
         distributed_utils.init_process_group(ranks, backend.process_group)
     except (RuntimeError, ValueError) as e:

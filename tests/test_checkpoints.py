@@ -511,3 +511,13 @@ def test_a_signal_during_a_test_stops_it_within_a_few_batches(tmp_path: Path, ca
     assert "Testing at" not in out and len(test_batches) == dlrm_s_pytorch.TEST_BATCHES_BETWEEN_STOP_CHECKS
     if not inference_only:
         assert len(finished_lines(out)) == 20 and saved(path)["position"]["iteration"] == 20
+
+
+def test_a_checkpoint_of_fewer_ranks_is_refused_in_one_line_before_the_ranks_start(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "one.pt"
+    argv = [*TINY, "--num-batches=1"]
+    assert dlrm_s_pytorch.main([*argv, "--save-model", str(path)]) == 0
+    capsys.readouterr()
+    assert dlrm_s_pytorch.main([*argv, "--world_size=2", "--load-model", str(path)]) == 2
+    message = f"--load-model {path}: {path}.rank1 is missing (saved by fewer than 2 ranks?)"
+    assert capsys.readouterr().err == f"dlrm_s_pytorch.py: error: {message}\n"

@@ -207,6 +207,7 @@ def test_an_output_over_one_tables_trace_file_is_refused(tmp_path) -> None:
 
 def test_two_ranks_may_resume_in_place(tmp_path) -> None:
     checkpoint = write(tmp_path, "m.pt", "")
+    write(tmp_path, "m.pt.rank1", "")
     argv = [f"--load-model={checkpoint}", f"--save-model={checkpoint}", "-w", "2", "--mini-batch-size=4"]
     dlrm_s_pytorch.parse_command_line(argv)  # each rank's file is renamed over the one that rank loaded
 
