@@ -577,7 +577,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Siz
     not_negative = ("num_batches", "nepochs", "num_workers", "learning_rate")
     for dest in positive + not_negative:
         value = getattr(args, dest)
-        if not value >= (1 if dest in positive else 0) or not math.isfinite(value):
+        if not math.isfinite(value):
+            raise UsageError(f"{_flag_name(dest)}: must be a finite number, got {value}")
+        if value < (1 if dest in positive else 0):
             bound = "positive" if dest in positive else "zero or more"
             raise UsageError(f"{_flag_name(dest)}: must be {bound}, got {value}")
     for dest in ("mini_batch_size", "num_indices_per_lookup", "num_batches", "nepochs", "data_size", "max_ind_range"):
