@@ -823,7 +823,9 @@ def make_loader(
     if test:
         batch_size = args.test_mini_batch_size if args.test_mini_batch_size > 0 else batch_size
         workers = args.test_num_workers if args.test_num_workers >= 0 else workers
-    elif args.num_batches > 0:
+    if isinstance(dataset, data_utils.CriteoBatches):  # the original's Criteo loaders dropped a partial last batch
+        stop = len(dataset.order) // batch_size
+    if not test and args.num_batches > 0:
         stop = min(stop, args.num_batches)
     return torch.utils.data.DataLoader(
         dataset,

@@ -42,8 +42,8 @@ def test_kaggle_raw_data_preprocesses_trains_and_reaches_auc_075(tmp_path: Path)
     assert [(t["it"], t["nbatches"]) for t in tests] == [(50, 100), (100, 100)]
     assert tests[-1]["auc"] >= 0.75, tests
     assert tests[-1]["best_auc"] == max(t["auc"] for t in tests)
-    # the test split is the first half of the last day: 2150 samples, 8 whole batches of 256
-    assert "test batch was partial. Number of samples: 102" in result.stdout
+    # the test split is the first half of the last day: 2150 samples, 8 whole batches of 256 (the rest dropped)
+    assert "was partial" not in result.stdout
     assert (tmp_path / "kaggleAdDisplayChallenge_processed.npz").exists()
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     test_records = [r for r in records if r["phase"] == "test"]
@@ -84,16 +84,14 @@ def test_a_threshold_stops_training_at_the_first_test_that_reaches_it(
         assert finished_lines(result.stdout) == []  # stopped at it 5
 
 
-def test_a_partial_last_batch_still_gets_the_epochs_last_line_and_test(tmp_path: Path) -> None:
+def test_a_partial_last_batch_is_dropped_as_the_originals_criteo_loaders_did(tmp_path: Path) -> None:
     raw = write_kaggle(tmp_path, rows=7 * 100)  # 600 training rows: 9 batches of 64, then 24 samples
-    argv = [*TINY, f"--raw-data-file={raw}", "--print-freq=4", "--test-freq=4", "--test-mini-batch-size=25"]
+    argv = [*TINY, f"--raw-data-file={raw}", "--print-freq=4", "--test-freq=4", "--test-mini-batch-size=20"]
     result = run_script(*argv, "--nepochs=2")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("Breaking out of the epoch as  batch was partial. Number of samples: 24") == 2
-    assert [(line["epoch"], line["it"]) for line in finished_lines(result.stdout)] == [(0, 4), (0, 8), (0, 9)] + [
-        (1, 4),
-        (1, 8),
-        (1, 9),
+    assert "was partial" not in result.stdout  # nor the test split's 50 rows: 2 batches of 20, then 10
+    assert [(line["epoch"], line["it"], line["nbatches"]) for line in finished_lines(result.stdout)] == [
+        (epoch, it, 9) for epoch in (0, 1) for it in (4, 8, 9)
     ]
     assert [t["it"] for t in printed_tests(result.stdout)] == [4, 8, 9, 4, 8, 9]
 
