@@ -1429,6 +1429,7 @@ class Trainer:
         self.window = Window(args.mini_batch_size)
         self.mlperf = MLPerfLog(args.mlperf_logging and ranks.rank == 0)
         self.stop_signal: int | None = None
+        self.untested = False  # a signal cut short the test due at self.position
         self.iterations_here = 0  # by this process: lazy mode's first ones compile
         if checkpoint and self.training:
             with fields_of(self.loaded_from):
@@ -1456,6 +1457,7 @@ class Trainer:
             "position": vars(self.position),
             "window": torch.stack(window.stats).cpu() if window.stats else torch.empty(0, 3),
             "best": self.best,
+            "untested": self.untested,
             "rng": dict(numpy=numpy_rng_state(), torch=torch.get_rng_state()),
         }
 
@@ -1487,6 +1489,7 @@ class Trainer:
         for name, accumulator in self.dense_accumulators():
             load_tensor(path, "Adagrad state of", name, state["dense_state"], accumulator)
         self.position, self.best = Position.saved(state["position"]), dict(state["best"])
+        self.untested = state.get("untested", False)  # not recorded in the checkpoints of earlier versions
         if self.position.batch > self.train_loader.sampler.stop:
             raise CheckpointError(f"--load-model {path}: saved after batch {self.position.batch} of an epoch, this "
                                   f"run's epochs have {self.train_loader.sampler.stop} (--num-batches)")  # fmt: skip
@@ -1552,12 +1555,13 @@ class Trainer:
         """Every epoch from the position loaded, or until a signal or a threshold; then the checkpoint."""
         print("time/loss/accuracy (if enabled):")
         self.mlperf.log("start", "RUN_START")
-        for epoch in range(self.position.epoch, self.args.nepochs):
+        # a test that a signal cut short before the checkpoint was saved comes first
+        stop, epoch = self.untested and self.test(self.position.batch, self.position.epoch), self.position.epoch
+        while not stop and epoch < self.args.nepochs:
             self.mlperf.log("start", "EPOCH_START", epoch_num=epoch)
             stop = self.train_epoch(epoch)
             self.mlperf.log("end", "EPOCH_STOP", epoch_num=epoch)
-            if stop:
-                break
+            epoch += 1
         self.mlperf.log("end", "RUN_STOP", status="aborted" if self.stop_signal else "success")
         if self.args.save_model and self.position != self.last_saved:  # --save-freq may have saved it already
             self.save()
@@ -1675,6 +1679,7 @@ class Trainer:
         self.mlperf.log("start", "EVAL_START", epoch_num=epoch)
         result = self.evaluate()
         nbatches = self.train_loader.sampler.stop
+        self.untested = result is None
         if result is None:
             name = signal.Signals(self.stop_signal).name
             print(f"Stopped by {name} during the test after it {it}/{nbatches} of epoch {epoch} (the test is left out)")

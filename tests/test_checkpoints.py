@@ -513,6 +513,33 @@ def test_a_signal_during_a_test_stops_it_within_a_few_batches(tmp_path: Path, ca
         assert len(finished_lines(out)) == 20 and saved(path)["position"]["iteration"] == 20
 
 
+def test_the_test_a_signal_cut_short_comes_first_in_the_resumed_run(tmp_path: Path, capsys, monkeypatch) -> None:
+    raw = write_kaggle(tmp_path, rows=7 * 640)  # a test split of 320 samples: 40 test batches of 8
+    argv = ["--data-generation=dataset", f"--raw-data-file={raw}", "--arch-mlp-bot=13-8-2", "--arch-mlp-top=3-1"]
+    argv += ["--arch-sparse-feature-size=2", "--mini-batch-size=64", "--test-mini-batch-size=8", "--num-batches=8"]
+    argv += ["--test-freq=4", "--print-freq=2", "--save-model", str(tmp_path / "model.pt")]
+    assert dlrm_s_pytorch.main(argv) == 0
+    whole = capsys.readouterr().out
+    forward, test_batches = dlrm_s_pytorch.Trainer.forward, []
+
+    def forward_signalling_in_the_second_test(trainer, batch):
+        if not torch.is_grad_enabled():
+            test_batches.append(batch)
+            if len(test_batches) == 40 + 20:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return forward(trainer, batch)
+
+    monkeypatch.setattr(dlrm_s_pytorch.Trainer, "forward", forward_signalling_in_the_second_test)
+    assert dlrm_s_pytorch.main(argv) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    stopped = capsys.readouterr().out
+    assert "Stopped by SIGTERM during the test after it 8/8 of epoch 0 (the test is left out)" in stopped
+    assert dlrm_s_pytorch.main([*argv, "--load-model", str(tmp_path / "model.pt")]) == 0
+    resumed = capsys.readouterr().out
+    printed = re.compile(r"^(?:Finished|Testing) .*", re.M)
+    assert printed.findall(stopped) + printed.findall(resumed) == printed.findall(whole)
+
+
 def test_a_checkpoint_of_fewer_ranks_is_refused_in_one_line_before_the_ranks_start(tmp_path: Path, capsys) -> None:
     path = tmp_path / "one.pt"
     argv = [*TINY, "--num-batches=1"]
