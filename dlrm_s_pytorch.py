@@ -1555,8 +1555,10 @@ class Trainer:
         """Every epoch from the position loaded, or until a signal or a threshold; then the checkpoint."""
         print("time/loss/accuracy (if enabled):")
         self.mlperf.log("start", "RUN_START")
-        # a test that a signal cut short before the checkpoint was saved comes first
-        stop, epoch = self.untested and self.test(self.position.batch, self.position.epoch), self.position.epoch
+        # a run resumed where it had reached a threshold trains no further; a test that a signal cut short before
+        # the checkpoint was saved comes first
+        stop = self.reached(self.best) or (self.untested and self.test(self.position.batch, self.position.epoch))
+        epoch = self.position.epoch
         while not stop and epoch < self.args.nepochs:
             self.mlperf.log("start", "EPOCH_START", epoch_num=epoch)
             stop = self.train_epoch(epoch)
@@ -1706,9 +1708,12 @@ class Trainer:
         self.metrics.write(dict(phase="test", epoch=epoch, iteration=it, step=self.position.iteration,
                                 loss=result.loss, accuracy=result.accuracy, auc=result.auc, ms_per_it=None,
                                 samples_per_s=None))  # fmt: skip
-        for name, value, threshold in (("accuracy", result.accuracy, args.mlperf_acc_threshold),
-                                       ("auc", result.auc, args.mlperf_auc_threshold)):  # fmt: skip
-            if 0 < threshold <= value:
+        return self.reached(dict(accuracy=result.accuracy, auc=result.auc))
+
+    def reached(self, results: dict[str, float]) -> bool:
+        """Whether test ``results`` (accuracy, auc) reach an ``--mlperf-*-threshold``, which stops training."""
+        for name, threshold in (("accuracy", self.args.mlperf_acc_threshold), ("auc", self.args.mlperf_auc_threshold)):
+            if 0 < threshold <= results[name]:
                 print(f"MLPerf testing {name} threshold {threshold} reached, stop training")
                 return True
         return False

@@ -513,11 +513,14 @@ def test_a_signal_during_a_test_stops_it_within_a_few_batches(tmp_path: Path, ca
         assert len(finished_lines(out)) == 20 and saved(path)["position"]["iteration"] == 20
 
 
+TINY_CRITEO = ["--data-generation=dataset", "--arch-mlp-bot=13-8-2", "--arch-mlp-top=3-1"]
+TINY_CRITEO += ["--arch-sparse-feature-size=2", "--mini-batch-size=64"]
+
+
 def test_the_test_a_signal_cut_short_comes_first_in_the_resumed_run(tmp_path: Path, capsys, monkeypatch) -> None:
     raw = write_kaggle(tmp_path, rows=7 * 640)  # a test split of 320 samples: 40 test batches of 8
-    argv = ["--data-generation=dataset", f"--raw-data-file={raw}", "--arch-mlp-bot=13-8-2", "--arch-mlp-top=3-1"]
-    argv += ["--arch-sparse-feature-size=2", "--mini-batch-size=64", "--test-mini-batch-size=8", "--num-batches=8"]
-    argv += ["--test-freq=4", "--print-freq=2", "--save-model", str(tmp_path / "model.pt")]
+    argv = [*TINY_CRITEO, f"--raw-data-file={raw}", "--test-mini-batch-size=8", "--num-batches=8", "--test-freq=4"]
+    argv += ["--print-freq=2", "--save-model", str(tmp_path / "model.pt")]
     assert dlrm_s_pytorch.main(argv) == 0
     whole = capsys.readouterr().out
     forward, test_batches = dlrm_s_pytorch.Trainer.forward, []
@@ -538,6 +541,20 @@ def test_the_test_a_signal_cut_short_comes_first_in_the_resumed_run(tmp_path: Pa
     resumed = capsys.readouterr().out
     printed = re.compile(r"^(?:Finished|Testing) .*", re.M)
     assert printed.findall(stopped) + printed.findall(resumed) == printed.findall(whole)
+
+
+def test_a_run_resumed_where_it_had_reached_a_threshold_trains_no_further(tmp_path: Path, capsys) -> None:
+    raw, path = write_kaggle(tmp_path, rows=7 * 640), tmp_path / "model.pt"
+    argv = [*TINY_CRITEO, f"--raw-data-file={raw}", "--num-batches=8", "--test-freq=2"]
+    argv += ["--mlperf-auc-threshold=0.5", "--save-model", str(path)]
+    assert dlrm_s_pytorch.main(argv) == 0
+    assert "MLPerf testing auc threshold 0.5 reached, stop training" in capsys.readouterr().out
+    stopped_at = saved(path)["position"]
+    assert stopped_at["batch"] < 8
+    assert dlrm_s_pytorch.main([*argv, "--load-model", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "MLPerf testing auc threshold 0.5 reached, stop training" in out and "Finished" not in out, out
+    assert saved(path)["position"] == stopped_at
 
 
 def test_a_checkpoint_of_fewer_ranks_is_refused_in_one_line_before_the_ranks_start(tmp_path: Path, capsys) -> None:
