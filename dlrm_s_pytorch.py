@@ -1596,6 +1596,8 @@ class Trainer:
         args, backend = self.args, self.backend
         nbatches = self.train_loader.sampler.stop
         start = self.position.batch if epoch == self.position.epoch else 0
+        if start == 0:
+            self.window = Window(args.mini_batch_size)
         replayed = backend.to_device(next(start_batches(self.train_loader))) if args.measure_perf else None
         # the epoch's last line and test come with its last whole batch, before a checkpoint can be saved there
         last = nbatches if replayed is not None else min(nbatches, whole_batches(self.train_loader))
@@ -1658,7 +1660,11 @@ class Trainer:
         return self.dense_path(batch.dense, self.model.lookup(batch.bags, batch.dense.size(0)), batch.targets)
 
     def report(self, it: int, nbatches: int, epoch: int) -> None:
-        window, self.window = self.window, Window(self.args.mini_batch_size)
+        # the epoch's last line between two --print-freq lines leaves its window: the next epoch starts a new one, and
+        # a run resumed here with more --num-batches prints the line of the whole window, as the run that never stopped
+        window = self.window
+        if it % self.args.print_freq == 0:
+            self.window = Window(self.args.mini_batch_size)
         loss, accuracy, ms = window.read(it - len(window.stats) + 1, it, epoch)
         phase, logged_phase = ("training", "train") if self.training else ("inference", "inference")
         shown = ms if self.args.print_time and ms is not None else -1  # -1: not measured

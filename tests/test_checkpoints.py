@@ -62,6 +62,14 @@ def test_a_resumed_run_equals_the_run_that_never_stopped(name: str, tmp_path: Pa
     assert_same_training_state(saved(tmp_path / "whole.pt"), saved(tmp_path / "end.pt"))
 
 
+def test_a_run_resumed_with_more_batches_prints_the_window_it_had_printed_early(tmp_path: Path, capsys) -> None:
+    argv, path = [*TINY, *CASES["cat-adagrad"], "--print-freq=4"], str(tmp_path / "model.pt")
+    runs = [["--num-batches=12"], ["--num-batches=6", "--save-model", path], ["--num-batches=12", "--load-model", path]]
+    whole, first, resumed = [(dlrm_s_pytorch.main([*argv, *flags]), capsys.readouterr().out)[1] for flags in runs]
+    assert [line["it"] for line in finished_lines(first)] == [4, 6]  # the epoch's last line, 5 and 6
+    assert finished_lines(resumed) == finished_lines(whole)[1:]  # it 8's line is of 5 to 8 again
+
+
 def test_resuming_into_the_next_epoch_with_loader_workers(tmp_path: Path) -> None:
     argv = [*TINY, *CASES["cat-adagrad"], "--num-batches=4", "--print-freq=2"]
     whole = run_script(*argv, "--nepochs=2", "--save-model", str(tmp_path / "whole.pt"))
