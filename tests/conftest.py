@@ -24,6 +24,22 @@ def run_script(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess
     )
 
 
+def run_here(argv: list[str], capsys) -> str:
+    """Run the script in this process, its stdout. Lazy runs compile here rather than in a new process, which
+    would spend about 10 s importing and setting up the compiler. The graphs counted show that a lazy run
+    compiled its two (the dense path, the optimizer's update) and an eager run none."""
+    import torch
+
+    import dlrm_s_pytorch
+
+    torch._dynamo.reset()  # earlier tests' graphs would count towards the recompile limit (an error, fullgraph)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert dlrm_s_pytorch.main(argv) == 0
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+    assert compiled == (2 if "--mode=lazy" in argv or "--run-lazy-mode" in argv else 0)
+    return capsys.readouterr().out
+
+
 def live_processes() -> dict[int, tuple[int, int]]:
     """pid -> (parent, process group) of each process not yet ended (a zombie, ended but not reaped, is left out)."""
     found = {}

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, finished_lines, printed_weights, run_script
+from conftest import ROOT, finished_lines, printed_weights, run_here, run_script
 from torch import nn
 
 import dlrm_s_pytorch
@@ -88,26 +88,24 @@ def test_auto_without_gpu_or_gaudi_is_the_cpu() -> None:
 
 
 @pytest.mark.parametrize("name", LAZY_CASES)
-def test_cpu_lazy_equals_eager(name: str) -> None:
-    argv = [*TINY, *LAZY_CASES[name], f"--num-batches={LAZY_ITERATIONS}", "--print-time"]
-    eager, lazy = run_script(*argv, "--device=cpu"), run_script(*argv, "--device=cpu", "--mode=lazy")
-    assert eager.returncode == lazy.returncode == 0, lazy.stderr
-    assert len(losses(lazy.stdout)) == LAZY_ITERATIONS
-    assert losses(lazy.stdout) == pytest.approx(losses(eager.stdout), abs=1e-5, rel=0)
-    assert "Lazy mode" not in eager.stdout
-    assert re.search(r"^Lazy mode: the first 1 it compiled the graphs in [\d.]+ s", lazy.stdout, re.M)
-    first, *others = [line["ms"] for line in finished_lines(lazy.stdout)]
+def test_cpu_lazy_equals_eager(capsys, name: str) -> None:
+    argv = [*TINY, *LAZY_CASES[name], f"--num-batches={LAZY_ITERATIONS}", "--print-time", "--device=cpu"]
+    eager, lazy = run_here(argv, capsys), run_here([*argv, "--mode=lazy"], capsys)
+    assert len(losses(lazy)) == LAZY_ITERATIONS
+    assert losses(lazy) == pytest.approx(losses(eager), abs=1e-5, rel=0)
+    assert "Lazy mode" not in eager
+    assert re.search(r"^Lazy mode: the first 1 it compiled the graphs in [\d.]+ s", lazy, re.M)
+    first, *others = [line["ms"] for line in finished_lines(lazy)]
     assert first == -1 and min(others) > 0  # the compiling iteration is not in ms/it
 
 
-def test_cpu_lazy_bf16_measure_perf_stays_close_to_eager() -> None:
+def test_cpu_lazy_bf16_measure_perf_stays_close_to_eager(capsys) -> None:
     argv = [*TINY, "--num-batches=4", "-d", "bf16", "--measure-perf", "--optimizer=adagrad", "--learning-rate=0.01"]
     argv += ["--hmp-opt-level=O2", "--hmp-verbose"]  # the other bf16 tests use O1
-    eager, lazy = run_script(*argv), run_script(*argv, "--run-lazy-mode")
-    assert eager.returncode == lazy.returncode == 0, lazy.stderr
-    assert "bf16 ops: addmm, bmm, dot, linear, mm, mv; fp32 ops: every other op" in lazy.stdout
+    eager, lazy = run_here(argv, capsys), run_here([*argv, "--run-lazy-mode"], capsys)
+    assert "bf16 ops: addmm, bmm, dot, linear, mm, mv; fp32 ops: every other op" in lazy
     # bf16 rounds the matrix products' outputs, and fused code may round them at other points
-    assert losses(lazy.stdout) == pytest.approx(losses(eager.stdout), abs=2e-3)
+    assert losses(lazy) == pytest.approx(losses(eager), abs=2e-3)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
@@ -121,8 +119,7 @@ def test_cpu_lazy_bf16_weight_copies_train_as_autocast(monkeypatch, capsys, opti
     printed = {}
     for copies in (False, True):
         monkeypatch.setattr(habana_dlrm_ops.Backend, "bf16_copies", copies)
-        assert dlrm_s_pytorch.main([*argv, "--debug-mode", "--print-precision=8"]) == 0
-        out = capsys.readouterr().out
+        out = run_here([*argv, "--debug-mode", "--print-precision=8"], capsys)
         printed[copies] = (losses(out), printed_weights(out))
     # Adagrad divides each gradient by its own size, so one rounding apart can move a weight by up to lr a step.
     loss_tolerance, weight_tolerance = (1e-5, 1e-4) if optimizer == "sgd" else (2e-3, 6 * 0.01)
