@@ -1564,9 +1564,19 @@ class Trainer:
             stop = self.train_epoch(epoch)
             self.mlperf.log("end", "EPOCH_STOP", epoch_num=epoch)
             epoch += 1
+        if self.loaded_from and not stop and self.iterations_here == 0:
+            self.say_nothing_was_left_to_train()
         self.mlperf.log("end", "RUN_STOP", status="aborted" if self.stop_signal else "success")
         if self.args.save_model and self.position != self.last_saved:  # --save-freq may have saved it already
             self.save()
+
+    def say_nothing_was_left_to_train(self) -> None:
+        path, saved, nepochs = self.loaded_from, self.saved_at, self.args.nepochs
+        if saved.epoch >= nepochs:
+            why = f"saved in epoch {saved.epoch}, and --nepochs {nepochs} ends before it"
+        else:
+            why = f"saved at the end of this run (it {saved.batch} of epoch {saved.epoch})"
+        print(f"Nothing to train: {path} was {why}")
 
     def request_stop(self, signum: int, frame: object) -> None:
         """Stop after this iteration, saving. In one process, a second Ctrl-C stops at once (the last checkpoint

@@ -573,3 +573,20 @@ def test_a_checkpoint_of_fewer_ranks_is_refused_in_one_line_before_the_ranks_sta
     assert dlrm_s_pytorch.main([*argv, "--world_size=2", "--load-model", str(path)]) == 2
     message = f"--load-model {path}: {path}.rank1 is missing (saved by fewer than 2 ranks?)"
     assert capsys.readouterr().err == f"dlrm_s_pytorch.py: error: {message}\n"
+
+
+def test_a_resumed_run_with_nothing_left_to_train_says_so(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "m.pt"
+    argv = [*TINY, *CASES["dot-sgd"], "--num-batches=2", "--load-model", str(path)]
+    assert dlrm_s_pytorch.main([*argv[:-2], "--nepochs=2", "--save-model", str(path)]) == 0
+    capsys.readouterr()
+    for nepochs, why in [
+        (2, "saved at the end of this run (it 2 of epoch 1)"),
+        (1, "saved in epoch 1, and --nepochs 1 ends before it"),
+    ]:
+        assert dlrm_s_pytorch.main([*argv, f"--nepochs={nepochs}"]) == 0
+        out = capsys.readouterr().out
+        assert f"\nNothing to train: {path} was {why}\n" in out and "Finished" not in out
+    assert dlrm_s_pytorch.main([*argv, "--nepochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "Finished training it 2/2 of epoch 2" in out and "Nothing" not in out
