@@ -1267,6 +1267,13 @@ RESUME_FLAGS = ("mini_batch_size", "data_generation", "numpy_rand_seed", "data_s
 MODEL_FLAGS = ("arch_interaction_op", "arch_interaction_itself")
 
 
+def resume_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    """``RESUME_FLAGS`` that mean something with this run's data: Criteo's bags hold one index each and its
+    targets are 0 or 1, so there the bag size and rounding the targets decide nothing."""
+    unused = ("num_indices_per_lookup", "round_targets") if args.data_generation == "dataset" else ()
+    return tuple(flag for flag in RESUME_FLAGS if flag not in unused)
+
+
 def checkpoint_file(path: str, rank: int) -> Path:
     """Rank 0's file is ``path``; every other rank saves its own tables beside it."""
     return Path(path if rank == 0 else f"{path}.rank{rank}")
@@ -1445,7 +1452,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "world_size": self.ranks.world_size,
             "optimizer": self.args.optimizer,
-            "data": {flag: getattr(self.args, flag) for flag in RESUME_FLAGS},
+            "data": {flag: getattr(self.args, flag) for flag in resume_flags(self.args)},
             "model": {flag: getattr(self.args, flag) for flag in MODEL_FLAGS},
             "weights": {name: weight.detach().cpu() for name, weight in model.named_weights()},
             "sparse_state": {
@@ -1482,7 +1489,8 @@ class Trainer:
     def restore(self, state: dict) -> None:
         """Everything a resumed run needs to continue as if it had never stopped."""
         path = self.loaded_from
-        self.check_saved_flags({"optimizer": state["optimizer"], **state["data"]})
+        data = {flag: value for flag, value in state["data"].items() if flag in resume_flags(self.args)}
+        self.check_saved_flags({"optimizer": state["optimizer"], **data})
         for shard, table in zip(self.model.shards, self.model.embeddings, strict=True):
             if table.moments is not None:
                 load_tensor(path, "Adagrad state of", str(shard), state["sparse_state"], table.moments)

@@ -590,3 +590,16 @@ def test_a_resumed_run_with_nothing_left_to_train_says_so(tmp_path: Path, capsys
     assert dlrm_s_pytorch.main([*argv, "--nepochs=3"]) == 0
     out = capsys.readouterr().out
     assert "Finished training it 2/2 of epoch 2" in out and "Nothing" not in out
+
+
+def test_a_criteo_resume_may_change_the_flags_criteo_data_does_not_use(tmp_path: Path, capsys) -> None:
+    raw, path = write_kaggle(tmp_path, rows=7 * 640), tmp_path / "model.pt"
+    argv = [*TINY_CRITEO, f"--raw-data-file={raw}", "--print-freq=2", "--num-batches=8"]
+    assert dlrm_s_pytorch.main(argv) == 0
+    whole = capsys.readouterr().out
+    assert dlrm_s_pytorch.main([*argv[:-1], "--num-batches=4", "--save-model", str(path)]) == 0
+    capsys.readouterr()
+    unused = ["--num-indices-per-lookup=3", "--round-targets"]  # each Criteo bag holds one index, targets are 0 or 1
+    assert dlrm_s_pytorch.main([*argv, *unused, "--load-model", str(path)]) == 0
+    resumed = capsys.readouterr().out
+    assert finished_lines(resumed) == finished_lines(whole)[2:]
