@@ -457,6 +457,10 @@ def _prepare_bins(args: argparse.Namespace, files: CriteoFiles) -> Processed:
             if not path.exists():
                 _status(f"Writing {path}")
                 _write_bin(path, rows, order)
+    for path in (files.day_count_file, files.counts_file):
+        if not path.exists():  # copied bin files without them: they hold the rows per day and the table sizes
+            raise DataError(f"{path}: no such file; {files.bin_file('*')} are read with it: put it back, or delete "
+                            "them to make them again from the raw data")  # fmt: skip
     rows_per_day = _load_day_counts(files)
     for path, order in zip(bins.values(), _split_orders(rows_per_day, "none", np.arange), strict=True):
         _check_bin(path, len(order))

@@ -346,6 +346,19 @@ def test_mlperf_bin_loader(tmp_path: Path) -> None:
     assert_rows_equal(all_rows(test), all_rows(expected_test))
 
 
+@pytest.mark.parametrize("companion", ["train_day_count.npz", "train_fea_count.npz"])
+def test_bin_files_without_their_count_files_say_which_is_missing(tmp_path: Path, companion: str) -> None:
+    args = make_args(write_kaggle(tmp_path, 1000), mlperf_bin_loader=True, mini_batch_size=50)
+    data_utils.prepare(args)
+    kept = (tmp_path / companion).read_bytes()
+    (tmp_path / companion).unlink()
+    bins = tmp_path / "kaggleAdDisplayChallenge_processed_*.bin"
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / companion}: no such file; {bins} are read with it")):
+        data_utils.prepare(args)
+    (tmp_path / companion).write_bytes(kept)
+    assert data_utils.prepare(args).rows_per_day == [143] * 6 + [142]
+
+
 def test_mlperf_bin_shuffle_reorders_full_batches_per_epoch(tmp_path: Path) -> None:
     args = make_args(write_kaggle(tmp_path, 1000), mlperf_bin_loader=True, mlperf_bin_shuffle=True, mini_batch_size=50)
     processed = data_utils.prepare(args)
