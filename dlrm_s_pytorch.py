@@ -2020,6 +2020,9 @@ def build(args: argparse.Namespace, sizes: Sizes, backend: Backend, ranks: Ranks
     if args.debug_mode:
         print(f"model sizes: {sizes}, torch threads: {torch.get_num_threads()}\n{model}")
     train_loader = make_loader(args, train_data, sizes, backend, model.shards, ranks)
+    if isinstance(train_data, data_utils.CriteoBatches) and train_loader.sampler.stop == 0 and not args.inference_only:
+        raise UsageError(f"--mini-batch-size: the training split holds no whole batch of {args.mini_batch_size} "
+                         f"samples ({len(train_data.order)} rows)")  # fmt: skip
     test_loader = None
     if test_data is not None and (args.test_freq > 0 or args.inference_only):
         test_loader = make_loader(args, test_data, sizes, backend, model.shards, ranks, test=True)

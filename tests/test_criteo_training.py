@@ -116,13 +116,21 @@ def test_the_test_counts_correct_predictions_exactly_past_2_24(monkeypatch) -> N
     assert result.accuracy * result.scores.size == 2**24 + 1
 
 
-def test_a_test_split_without_a_whole_batch_stops_before_training(tmp_path: Path) -> None:
-    raw = write_kaggle(tmp_path, rows=7 * 100)  # 50 test rows
-    result = run_script(*TINY, f"--raw-data-file={raw}", "--test-freq=4", "--test-mini-batch-size=64")
-    assert result.returncode == 2, result.stderr
-    last_line = result.stderr.splitlines()[-1]  # after preprocessing's progress lines
-    assert last_line.endswith("the test split holds no whole batch of 64 samples") and "Traceback" not in result.stderr
-    assert finished_lines(result.stdout) == []
+def test_a_split_without_a_whole_batch_stops_before_training(tmp_path: Path) -> None:
+    raw = write_kaggle(tmp_path, rows=7 * 100)  # 600 training rows, 50 test rows
+    too_large_for_the_test_split = ["--test-freq=4", "--test-mini-batch-size=64"]
+    for flags, message in [
+        (too_large_for_the_test_split, "--test-mini-batch-size: the test split holds no whole batch of 64 samples"),
+        (
+            ["--mini-batch-size=601"],
+            "--mini-batch-size: the training split holds no whole batch of 601 samples (600 rows)",
+        ),
+    ]:
+        result = run_script(*TINY, f"--raw-data-file={raw}", *flags)
+        assert result.returncode == 2, result.stderr
+        last_line = result.stderr.splitlines()[-1]  # after preprocessing's progress lines
+        assert last_line.endswith(message) and "Traceback" not in result.stderr
+        assert finished_lines(result.stdout) == []
 
 
 def test_files_in_the_upstream_processed_layout_load_and_train(tmp_path: Path) -> None:
