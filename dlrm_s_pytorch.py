@@ -1567,20 +1567,28 @@ class Trainer:
         # a run resumed where it had reached a threshold trains no further; a test that a signal cut short before
         # the checkpoint was saved comes first
         stop = self.reached(self.best) or (self.untested and self.test(self.position.batch, self.position.epoch))
+        if not stop and not self.batches_left():
+            self.say_nothing_is_left_to_train()
         epoch = self.position.epoch
         while not stop and epoch < self.args.nepochs:
             self.mlperf.log("start", "EPOCH_START", epoch_num=epoch)
             stop = self.train_epoch(epoch)
             self.mlperf.log("end", "EPOCH_STOP", epoch_num=epoch)
             epoch += 1
-        if self.loaded_from and not stop and self.iterations_here == 0:
-            self.say_nothing_was_left_to_train()
         self.mlperf.log("end", "RUN_STOP", status="aborted" if self.stop_signal else "success")
         if self.args.save_model and self.position != self.last_saved:  # --save-freq may have saved it already
             self.save()
 
-    def say_nothing_was_left_to_train(self) -> None:
+    def batches_left(self) -> bool:
+        """Whether the position is before the last epoch's end (a partial last batch counts)."""
+        epoch, batch, last_epoch = self.position.epoch, self.position.batch, self.args.nepochs - 1
+        return epoch < last_epoch or (epoch == last_epoch and batch < self.train_loader.sampler.stop)
+
+    def say_nothing_is_left_to_train(self) -> None:
         path, saved, nepochs = self.loaded_from, self.saved_at, self.args.nepochs
+        if not path:
+            print(f"Nothing to train: --nepochs {nepochs}")
+            return
         if saved.epoch >= nepochs:
             why = f"saved in epoch {saved.epoch}, and --nepochs {nepochs} ends before it"
         else:

@@ -592,6 +592,18 @@ def test_a_resumed_run_with_nothing_left_to_train_says_so(tmp_path: Path, capsys
     assert "Finished training it 2/2 of epoch 2" in out and "Nothing" not in out
 
 
+def test_a_run_of_no_epochs_says_so_and_a_partial_last_batch_is_not_nothing(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "m.pt"
+    argv = [*TINY, *CASES["dot-sgd"], "--num-batches=0", "--data-size=40", "--save-model", str(path)]
+    assert dlrm_s_pytorch.main([*argv, "--nepochs=0"]) == 0
+    assert "\nNothing to train: --nepochs 0\n" in capsys.readouterr().out
+    assert dlrm_s_pytorch.main(argv) == 0  # 2 whole batches of 16, then 8 samples
+    capsys.readouterr()
+    assert dlrm_s_pytorch.main([*argv, "--load-model", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Breaking out of the epoch as  batch was partial. Number of samples: 8" in out and "Nothing" not in out
+
+
 def test_a_criteo_resume_may_change_the_flags_criteo_data_does_not_use(tmp_path: Path, capsys) -> None:
     raw, path = write_kaggle(tmp_path, rows=7 * 640), tmp_path / "model.pt"
     argv = [*TINY_CRITEO, f"--raw-data-file={raw}", "--print-freq=2", "--num-batches=8"]
