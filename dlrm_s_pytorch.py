@@ -873,6 +873,19 @@ def start_batches(loader: torch.utils.data.DataLoader) -> Iterator[Batch]:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
+@contextlib.contextmanager
+def loader_processes_ended(batches: Iterable[Batch]) -> Iterator[None]:
+    """Ends the loader processes of ``batches`` on the way out, here. Left to the garbage collector, they end in the
+    iterator's ``__del__``, which a second Ctrl-C must not land in: its KeyboardInterrupt is printed there with a
+    traceback, as an ignored exception, and the run goes on."""
+    try:
+        yield
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # torch's iterator with loader processes
+        if shutdown is not None:
+            shutdown()
+
+
 def whole_batches(loader: torch.utils.data.DataLoader) -> int:
     """Batches of the full size: all of them, or all but a partial last one."""
     count = len(loader.dataset)
@@ -1630,8 +1643,9 @@ class Trainer:
         last = nbatches if replayed is not None else min(nbatches, whole_batches(self.train_loader))
         warmup = backend.warmup_iterations if backend.lazy else 0
         warmup_seconds = 0.0
-        with torch.set_grad_enabled(self.training):
-            for j, batch in enumerate(epoch_batches(self.train_loader, epoch, start, replayed), start):
+        batches = epoch_batches(self.train_loader, epoch, start, replayed)
+        with torch.set_grad_enabled(self.training), loader_processes_ended(batches):
+            for j, batch in enumerate(batches, start):
                 if batch.samples < args.mini_batch_size:
                     print(f"Breaking out of the epoch as  batch was partial. Number of samples: {batch.samples}")
                     return False
@@ -1757,18 +1771,20 @@ class Trainer:
         signal stops it part-way (a test pass can outlast the grace a batch scheduler gives before it kills)."""
         batch_size = self.test_loader.collate_fn.batch_size
         stats, scores, targets = [], [], []
-        for k, batch in enumerate(epoch_batches(self.test_loader, 0, 0, None)):
-            if k and k % TEST_BATCHES_BETWEEN_STOP_CHECKS == 0 and self.stopping(agree=True):
-                return None
-            if batch.samples < batch_size:
-                print(f"Breaking out of the epoch as  test batch was partial. Number of samples: {batch.samples}")
-                break
-            batch = self.backend.to_device(batch)
-            batch_scores, _, batch_stats = self.forward(batch)
-            stats.append(batch_stats)
-            scores.append(batch_scores.detach().float().view(-1))
-            targets.append(batch.targets.view(-1))
-            self.backend.mark_step()
+        batches = epoch_batches(self.test_loader, 0, 0, None)
+        with loader_processes_ended(batches):
+            for k, batch in enumerate(batches):
+                if k and k % TEST_BATCHES_BETWEEN_STOP_CHECKS == 0 and self.stopping(agree=True):
+                    return None
+                if batch.samples < batch_size:
+                    print(f"Breaking out of the epoch as  test batch was partial. Number of samples: {batch.samples}")
+                    break
+                batch = self.backend.to_device(batch)
+                batch_scores, _, batch_stats = self.forward(batch)
+                stats.append(batch_stats)
+                scores.append(batch_scores.detach().float().view(-1))
+                targets.append(batch.targets.view(-1))
+                self.backend.mark_step()
         totals = torch.stack(stats)  # per batch: a float32 running count of correct predictions is inexact past 2**24
         if int(totals[:, 2].sum()):
             raise DivergedError("the test scores are not finite (a diverged model?)")

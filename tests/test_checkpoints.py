@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, finished_lines, live_processes_in_group, run_script
+from conftest import ROOT, finished_lines, live_processes, live_processes_in_group, run_script
 from criteo_files import write_kaggle, write_upstream_processed
 
 import dlrm_s_pytorch
@@ -220,6 +220,38 @@ def test_a_second_ctrl_c_stops_a_long_iteration_at_once(tmp_path: Path, monkeypa
     out, err = finish(process)
     assert process.returncode == 128 + signal.SIGINT and err == "Interrupted.\n", out + err
     assert "Finished training" not in out and not path.exists()
+
+
+def test_a_second_ctrl_c_while_the_loader_processes_end_stops_at_once(tmp_path: Path, capsys, monkeypatch) -> None:
+    """After the first Ctrl-C the loop ends its loader processes, then saves: a second one there stops the run, as
+    anywhere else, rather than being printed with a traceback as an exception ignored while they end."""
+    path = tmp_path / "model.pt"
+    argv = [*TINY, *CASES["cat-adagrad"], "--num-batches=100", "--num-workers=2", "--save-model", str(path)]
+    forward, iterations = dlrm_s_pytorch.Trainer.forward, []
+    multiprocess_batches = torch.utils.data.dataloader._MultiProcessingDataLoaderIter
+    shutdown = multiprocess_batches._shutdown_workers
+
+    def forward_with_a_ctrl_c_at_the_third_iteration(trainer, batch):
+        iterations.append(batch)
+        if len(iterations) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(trainer, batch)
+
+    def shutdown_with_a_second_ctrl_c(batches):
+        try:
+            if len(iterations) == 3:
+                iterations.append(None)
+                os.kill(os.getpid(), signal.SIGINT)  # Python raises its KeyboardInterrupt right here
+        finally:
+            shutdown(batches)
+
+    monkeypatch.setattr(dlrm_s_pytorch.Trainer, "forward", forward_with_a_ctrl_c_at_the_third_iteration)
+    monkeypatch.setattr(multiprocess_batches, "_shutdown_workers", shutdown_with_a_second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        dlrm_s_pytorch.main(argv)
+    assert "Stopped by SIGINT after it 3/100 of epoch 0" in capsys.readouterr().out
+    assert not path.exists()  # the last checkpoint stays as it was: none
+    assert [pid for pid, (parent, _) in live_processes().items() if parent == os.getpid()] == []
 
 
 def test_ctrl_c_while_torch_loads_stops_without_a_traceback(tmp_path: Path) -> None:
