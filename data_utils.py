@@ -495,10 +495,11 @@ def _final_name(filename: str | bytes, files: CriteoFiles) -> Path:
     return path
 
 
-def _remove_leftovers(folder: Path, prefix: str) -> None:
-    """Remove the temporary files and folders (``.<prefix>....<pid>.<suffix>``) that runs killed outright left: a
-    day's parts can take gigabytes. Their names never pass for finished files; a running process's are kept."""
-    made_by = re.compile(TEMPORARY_NAME.format(final=rf"{re.escape(prefix)}[._].*"))
+def _remove_leftovers(folder: Path, prefix: str, final: str | None = None) -> None:
+    """Remove the temporary files and folders (``.<prefix>....<pid>.<suffix>``, or of the file named ``final``) that
+    runs killed outright left: a day's parts can take gigabytes. Their names never pass for finished files; a running
+    process's are kept."""
+    made_by = re.compile(TEMPORARY_NAME.format(final=re.escape(final) if final else rf"{re.escape(prefix)}[._].*"))
     for path in folder.glob(f".{glob.escape(prefix)}*"):
         match = made_by.fullmatch(path.name)
         if match and not _running(int(match["pid"])):
@@ -506,6 +507,11 @@ def _remove_leftovers(folder: Path, prefix: str) -> None:
                 shutil.rmtree(path)
             else:
                 path.unlink()
+
+
+def remove_leftovers_of(path: Path) -> None:
+    """Remove what runs killed outright while writing ``path`` left beside it: a checkpoint's can take gigabytes."""
+    _remove_leftovers(path.parent, path.name, final=path.name)
 
 
 def _running(pid: int) -> bool:

@@ -2057,6 +2057,18 @@ def build(args: argparse.Namespace, sizes: Sizes, backend: Backend, ranks: Ranks
     return Trainer(args, model, backend, (train_loader, test_loader), ranks, checkpoint)
 
 
+def remove_leftovers(args: argparse.Namespace, ranks: Ranks) -> None:
+    """Remove the temporary files and folders that runs killed outright (kill -9, the OOM killer, a scheduler when
+    its grace ends) left while writing this run's outputs: each would stay beside its output, as big as it. Each rank
+    sees to its checkpoint file, rank 0 to the rest."""
+    outputs = [checkpoint_file(args.save_model, ranks.rank)] if args.save_model else []
+    if ranks.rank == 0:
+        outputs += [Path(args.save_onnx)] if args.save_onnx else []
+        outputs += [Path(written) for _, written in _working_folder_files(args, ranks.world_size)]
+    for output in outputs:
+        data_utils.remove_leftovers_of(output.resolve())  # written where a link points
+
+
 def fail(code: int, message: str) -> int:
     """One line on stderr; a distributed rank then leaves at once (the others see it gone)."""
     print(f"dlrm_s_pytorch.py: error: {message}", file=sys.stderr)
@@ -2125,6 +2137,7 @@ def main(argv: list[str]) -> int:
         print(f"bf16 ops: {', '.join(sorted(BF16_OPS))}; fp32 ops: {fp32_ops}")
 
     try:
+        remove_leftovers(args, ranks)
         trainer = build(args, sizes, backend, ranks)
         with profiling(args.enable_profiling, backend.device_type, profile_stem(ranks.rank, ranks.world_size)):
             code = trainer.run()

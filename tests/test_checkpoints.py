@@ -377,6 +377,21 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path: 
     assert resumed.returncode == 0, resumed.stderr
 
 
+def test_what_runs_killed_while_saving_left_is_removed_but_not_a_running_ones(tmp_path: Path, monkeypatch) -> None:
+    """A save killed outright leaves its temporary file, as big as the checkpoint: the next run removes it."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    leftovers = [tmp_path / f".model.pt.{gone.pid}.tmp", tmp_path / f".dlrm_s_pytorch.json.{gone.pid}.tmp"]
+    kept = [tmp_path / f".model.pt.{os.getppid()}.tmp", tmp_path / f".other.pt.{gone.pid}.tmp"]  # running; not ours
+    for path in leftovers + kept:
+        path.write_bytes(b"partial")
+    monkeypatch.chdir(tmp_path)  # the profile's folder
+    argv = [*TINY, *CASES["dot-sgd"], "--num-batches=2", "--save-model", "model.pt", "--enable-profiling"]
+    assert dlrm_s_pytorch.main(argv) == 0
+    assert not any(path.exists() for path in leftovers) and all(path.exists() for path in kept)
+    assert saved(tmp_path / "model.pt")["position"]["iteration"] == 2
+
+
 def test_a_failed_write_stops_with_one_line_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "model.pt"
     argv = [*TINY[:-1], "--arch-embedding-size=200000-7", "--arch-mlp-top=12-4-1", "--num-batches=2"]
