@@ -1945,7 +1945,9 @@ def export(args: argparse.Namespace, trainer: Trainer, stopped: bool) -> None:
         print("Not exported (--save-onnx, --plot-compute-graph): the run stopped before its end")
         return
     loader = trainer.test_loader or trainer.train_loader
-    batch = next(iter(epoch_batches(loader, 0, 0, None)))
+    batches = epoch_batches(loader, 0, 0, None)
+    with loader_processes_ended(batches):
+        batch = next(iter(batches))
     if args.save_onnx:
         export_onnx(trainer.model, batch, args.save_onnx)
     if args.plot_compute_graph:

@@ -254,6 +254,28 @@ def test_a_second_ctrl_c_while_the_loader_processes_end_stops_at_once(tmp_path: 
     assert [pid for pid, (parent, _) in live_processes().items() if parent == os.getpid()] == []
 
 
+def test_a_ctrl_c_while_the_export_ends_its_loader_processes_stops_it(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The export reads one batch after training, when Ctrl-C is Python's own KeyboardInterrupt again."""
+    pytest.importorskip("onnx")
+    onnx_file = tmp_path / "model.onnx"
+    argv = [*TINY, *CASES["cat-adagrad"], "--num-batches=2", "--num-workers=2", "--save-onnx", str(onnx_file)]
+    multiprocess_batches = torch.utils.data.dataloader._MultiProcessingDataLoaderIter
+    shutdown, signalled = multiprocess_batches._shutdown_workers, []
+
+    def shutdown_with_a_ctrl_c_in_the_export(batches):
+        try:
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler and not signalled:  # the run is over
+                signalled.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+        finally:
+            shutdown(batches)
+
+    monkeypatch.setattr(multiprocess_batches, "_shutdown_workers", shutdown_with_a_ctrl_c_in_the_export)
+    with pytest.raises(KeyboardInterrupt):
+        dlrm_s_pytorch.main(argv)
+    assert "Finished training it 2/2" in capsys.readouterr().out and signalled and not onnx_file.exists()
+
+
 def test_ctrl_c_while_torch_loads_stops_without_a_traceback(tmp_path: Path) -> None:
     """Python raises KeyboardInterrupt where the main thread is when SIGINT comes; loading torch takes seconds."""
     (tmp_path / "torch").mkdir()
