@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import errno
 import functools
 import gc
 import importlib.util
@@ -222,8 +223,20 @@ def _flag_name(dest: str) -> str:
 CONFIG_KEYS = {"model", "env_variables", "parameters"}
 
 
+def _check_path_name(flag: str, path: str) -> None:
+    """A path that cannot be looked up (a name longer than its file system allows) stops here, with the reason:
+    pathlib's ``exists()`` raises for it."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: {e.strerror}") from None
+
+
 def _check_input_file(flag: str, path: str) -> None:
     """An input file given must be a regular file: reading a pipe waits for a writer, /dev/zero never ends."""
+    _check_path_name(flag, path)
     if Path(path).exists() and not Path(path).is_file():
         raise UsageError(f"{flag} {path}: not a regular file")
 
@@ -467,6 +480,7 @@ def _check_rank_flags(args: argparse.Namespace, world_size: int, counted_by: str
 
 def _check_writable(flag: str, path: str, folder: bool = False) -> None:
     """An output file (or ``folder``) must be creatable: found out at the start, not after hours of training."""
+    _check_path_name(flag, path)
     target = Path(path)
     parent = next((p for p in [target.parent, *target.parent.parents] if p.exists()), Path("."))
     if target.exists() and not (target.is_dir() if folder else target.is_file()):
@@ -478,6 +492,9 @@ def _check_writable(flag: str, path: str, folder: bool = False) -> None:
         or (target.exists() and not os.access(target, os.W_OK))
     ):
         raise UsageError(f"{flag} {path}: cannot be written there")
+    missing = target.parts[len(parent.parts) :]  # the folders made for it, and its name
+    if any(len(os.fsencode(part)) > os.pathconf(parent, "PC_NAME_MAX") for part in missing):
+        raise UsageError(f"{flag} {path}: {os.strerror(errno.ENAMETOOLONG)}")
 
 
 def profile_stem(rank: int, world_size: int) -> str:

@@ -123,9 +123,9 @@ def write_trace_distribution(
 
 def read_trace_distribution(path: str | os.PathLike) -> TraceDistribution:
     """Read a trace file; a missing or malformed one raises ``ValueError`` naming the file, the line and why."""
-    if Path(path).exists() and not Path(path).is_file():  # a pipe waits for a writer, /dev/zero never ends
-        raise ValueError(f"trace file {path}: not a regular file")
     try:
+        if Path(path).exists() and not Path(path).is_file():  # a pipe waits for a writer, /dev/zero never ends
+            raise ValueError(f"trace file {path}: not a regular file")
         text = Path(path).read_text()
     except OSError as error:
         raise ValueError(f"trace file {path}: cannot be read ({error.strerror or error})") from None

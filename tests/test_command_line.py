@@ -288,6 +288,29 @@ def test_an_input_file_that_is_a_pipe_is_refused_not_waited_on(tmp_path, flags: 
     assert f"{tmp_path / 'pipe'}: not a regular file" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [["--config"], ["--load-model"], ["--save-model"], ["--metrics-file"], ["--save-onnx"], ["--tensorboard"],
+     ["--hmp", "--hmp-bf16"], ["--data-generation=dataset", "--processed-data-file"],
+     ["--data-generation=synthetic", "--data-trace-file"]],
+)  # fmt: skip
+def test_a_file_name_too_long_is_one_line(tmp_path, monkeypatch, capsys, flags: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)  # a check that failed would train, and write its relative outputs here
+    assert dlrm_s_pytorch.main([*TINY, *flags, "n" * 300]) == 2  # file systems allow 255 bytes a name
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"dlrm_s_pytorch.py: error: {flags[-1]}"), err
+    assert "File name too long" in err and os.listdir(tmp_path) == [], err
+
+
+@pytest.mark.parametrize("flag", ["--save-model", "--metrics-file", "--save-onnx", "--tensorboard"])
+def test_an_output_name_too_long_in_a_missing_folder_stops_before_the_run(tmp_path, monkeypatch, capsys, flag) -> None:
+    monkeypatch.chdir(tmp_path)  # the folder is made for the output: only once the run is over, for a checkpoint
+    assert dlrm_s_pytorch.main([*TINY, flag, "new/" + "n" * 300]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith(f"{flag} new/{'n' * 300}: File name too long\n"), err
+    assert os.listdir(tmp_path) == []
+
+
 def test_an_environment_variable_without_a_value_is_refused(tmp_path) -> None:
     config = write(tmp_path, "env.yaml", "model: dlrm\nenv_variables: {TEMP_DIR: }\n")
     result = run_script("--config", config, *TINY, "--num-batches=1")  # a process: the variables restart the script
