@@ -257,7 +257,9 @@ class _ConfigLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         lines = {}
         for key, _ in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.value in lines:
+            if not isinstance(key, yaml.ScalarNode):  # a list or mapping as a key: PyYAML refuses it, below
+                continue
+            if key.value in lines:
                 problem = f"{key.value!r} is given twice, on lines {lines[key.value]} and {key.start_mark.line + 1}"
                 raise yaml.constructor.ConstructorError(None, None, problem)
             lines[key.value] = key.start_mark.line + 1

@@ -247,6 +247,7 @@ def test_bad_input_is_one_line_and_exit_2(name: str, capsys, tmp_path, monkeypat
         ("model: dlrm\nparameters: {save-onnx: false}\n", "'save-onnx' is the YAML boolean False"),
         ("model: dlrm\nparameters: {save-model: yes}\n", "'save-model' is the YAML boolean True"),
         ("model: dlrm\n1: a\n", "unknown key '1'"),
+        ("model: dlrm\nparameters: {? [a, b] : 1}\n", "not valid YAML (line 2: found unhashable key)"),
         (
             "model: dlrm\nparameters:\n  mini-batch-size: 8\n  mini-batch-size: 16\n",
             "not valid YAML ('mini-batch-size' is given twice, on lines 3 and 4)",
