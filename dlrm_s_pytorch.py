@@ -319,6 +319,9 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], 
             raise UsageError(f"--config {path}: {name!r} is {value!r}, which no command line can hold")
         argv.append(f"--{name}={value}")
     for name, value in env.items():
+        if name is None or isinstance(name, bool):  # YAML's null, yes, on, NO …: it would be named "None", "True"
+            raise UsageError(f"--config {path}: environment variable name {name!r} is not text (as YAML reads null, "
+                             "yes, no, on, off): quote it")  # fmt: skip
         if value is None:  # it would be set to "None"
             raise UsageError(f"--config {path}: environment variable {name!r} has no value (give one, or leave it out)")
         if isinstance(value, (bool, list, dict)):  # it would be set to Python's text of it: "True", "[1, 2]"

@@ -269,6 +269,8 @@ def test_bad_config_names_what_is_wrong(tmp_path, capsys, config: str, message: 
         ("parameters: {metrics-file: {a: 1}}", "'metrics-file' is {'a': 1}: give one value"),
         ("env_variables: {A: [1, 2]}", "environment variable 'A' is [1, 2]: give text (quoted) or a number"),
         ("env_variables: {A: true}", "environment variable 'A' is True: give text (quoted) or a number"),
+        ("env_variables: {null: 1}", "environment variable name None is not text"),
+        ("env_variables: {ON: 1}", "environment variable name True is not text"),
     ],
 )
 def test_a_config_value_that_is_not_one_value_is_refused(tmp_path, config: str, message: str) -> None:
