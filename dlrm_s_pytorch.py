@@ -33,6 +33,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+
+def interrupt_once(signum: int, frame: object) -> NoReturn:
+    """Ctrl-C outside the loop, which has its own handler: the run stops, and a second Ctrl-C does not interrupt its
+    way out with a traceback. Each rank of ``--world_size N`` gets it twice: from the terminal, and passed on."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # unless ignored
+    signal.signal(signal.SIGINT, interrupt_once)
+
 try:  # loading torch takes seconds: Ctrl-C meanwhile stops as it does later, without a traceback
     import numpy as np
     import torch

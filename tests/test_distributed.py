@@ -243,6 +243,24 @@ def test_a_killed_rank_stops_the_other_within_60_s() -> None:
     assert stderr.count("\n") == 1 and "error: rank 0 stopped: " in stderr, stderr
 
 
+def test_a_ctrl_c_that_reaches_a_rank_twice_stops_it_without_a_traceback(tmp_path: Path) -> None:
+    """Ctrl-C reaches each rank of ``--world_size N`` twice, from the terminal and passed on by the launcher; outside
+    the loop (loading torch, setting up) the second came while the first stopped the rank: tracebacks after
+    ``Interrupted.``. Here the first comes while torch loads, the second at exit."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "import atexit, os, signal, time\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(1)))  # the launcher's\n"
+        "os.kill(os.getpid(), signal.SIGINT)  # the terminal's\n"
+        "time.sleep(10)\n"
+    )
+    env = distributed_utils.rank_environment(0, 2, distributed_utils.free_port())
+    env["PYTHONPATH"] = str(tmp_path)  # before site-packages: this torch is imported
+    command = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *TINY]
+    interrupted = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert interrupted.returncode == 128 + signal.SIGINT and interrupted.stderr == "Interrupted.\n", interrupted.stderr
+
+
 def test_a_rank_waits_for_a_missing_rank_at_most_timeout_s() -> None:
     """The group's timeout is ``TIMEOUT_S`` (set to 2 s here; torch's default is 30 minutes)."""
     code = "import distributed_utils as d\nd.TIMEOUT_S = 2\nd.init_process_group(d.Ranks(0, 2, 0, 2), 'gloo')"
