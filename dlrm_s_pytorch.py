@@ -1819,12 +1819,12 @@ class Trainer:
                 targets.append(batch.targets.view(-1))
                 self.backend.mark_step()
         totals = torch.stack(stats)  # per batch: a float32 running count of correct predictions is inexact past 2**24
-        if int(totals[:, 2].sum()):
-            raise DivergedError("the test scores are not finite (a diverged model?)")
         all_scores, all_targets = gather_samples(torch.cat(scores)), gather_samples(torch.cat(targets))
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         if dist.is_initialized():
             dist.all_reduce(totals)
+        if int(totals[:, 2].sum()):  # on any rank's samples: every rank stops
+            raise DivergedError("the test scores are not finite (a diverged model?)")
         totals = totals.cpu().double()
         loss = float(totals[:, 0].sum()) / (world_size * len(stats))
         accuracy = float(totals[:, 1].sum()) / all_scores.size
@@ -2178,8 +2178,14 @@ def main(argv: list[str]) -> int:
             code = trainer.run()
     except (UsageError, DataError, CheckpointError) as e:
         return fail(2, first_line(e))
-    except DivergedError as e:
-        return fail(1, str(e))
+    except DivergedError as e:  # every rank finds it at once (its checks are all-reduced): one line, not one a rank
+        if ranks.rank == 0 or args.print_all_ranks:
+            print(f"dlrm_s_pytorch.py: error: {e}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            with contextlib.suppress(dist.DistError, RuntimeError):
+                dist.barrier()  # rank 0 has said it before another rank's exit makes a launcher stop it
+            leave_group(1)
+        return 1
     except (dist.DistError, RuntimeError) as e:  # gloo reports a lost rank as a RuntimeError, in set-up or after
         if not dist.is_initialized():
             raise

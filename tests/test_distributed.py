@@ -243,6 +243,13 @@ def test_a_killed_rank_stops_the_other_within_60_s() -> None:
     assert stderr.count("\n") == 1 and "error: rank 0 stopped: " in stderr, stderr
 
 
+def test_a_diverged_run_on_two_ranks_says_so_in_one_line() -> None:
+    """Every rank finds the scores not finite at once (the check is all-reduced); each said so, the same line."""
+    result = run_script(*TINY, *CASES["tables-cat-adagrad"], "--learning-rate=1e30", "-w", "2", timeout=120)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("dlrm_s_pytorch.py: error: it 2-2 of epoch 0: the scores are not finite ")
+
+
 def test_a_ctrl_c_that_reaches_a_rank_twice_stops_it_without_a_traceback(tmp_path: Path) -> None:
     """Ctrl-C reaches each rank of ``--world_size N`` twice, from the terminal and passed on by the launcher; outside
     the loop (loading torch, setting up) the second came while the first stopped the rank: tracebacks after
