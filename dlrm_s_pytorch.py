@@ -1110,8 +1110,8 @@ class Window:
         stats = stats.cpu().double()
         self.timed_seconds += time.perf_counter() - start
         if stats[:, 2].sum():
-            where = f"it {first_it}-{last_it} of epoch {epoch}"
-            raise DivergedError(f"{where}: the scores are not finite (--learning-rate?)")
+            span = f"{first_it}-{last_it}" if last_it > first_it else f"{last_it}"
+            raise DivergedError(f"it {span} of epoch {epoch}: the scores are not finite (--learning-rate?)")
         iterations = len(self.stats)
         loss = float(stats[:, 0].sum()) / (world_size * iterations)
         accuracy = float(stats[:, 1].sum()) / (self.batch_size * iterations)
