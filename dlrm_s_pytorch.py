@@ -1969,13 +1969,15 @@ def plot_compute_graph(model: DLRM, batch: Batch) -> None:
     print(f"Compute graph written to {drawn}")
 
 
-def export(args: argparse.Namespace, trainer: Trainer, stopped: bool) -> None:
-    """``--save-onnx`` and ``--plot-compute-graph``, from one batch of the data. Not for a run a signal
-    ``stopped``: its network is not the trained one, and a scheduler's grace after SIGTERM is short."""
+def export(args: argparse.Namespace, trainer: Trainer) -> None:
+    """``--save-onnx`` and ``--plot-compute-graph``, from one batch of the data. Not for a run a signal stopped:
+    its network is not the trained one (unless the signal came while the last checkpoint was saved), and a
+    scheduler's grace after SIGTERM is short."""
     if not (args.save_onnx or args.plot_compute_graph):
         return
-    if stopped:
-        print("Not exported (--save-onnx, --plot-compute-graph): the run stopped before its end")
+    if trainer.stop_signal:
+        name = signal.Signals(trainer.stop_signal).name
+        print(f"Not exported (--save-onnx, --plot-compute-graph): stopped by {name}")
         return
     loader = trainer.test_loader or trainer.train_loader
     batches = epoch_batches(loader, 0, 0, None)
@@ -2196,7 +2198,7 @@ def main(argv: list[str]) -> int:
             print(f"updated {name}:\n{weight.detach()}")
     if ranks.world_size == 1:
         try:
-            export(args, trainer, stopped=code != 0)
+            export(args, trainer)
         except CheckpointError as e:
             return fail(2, first_line(e))
     if not dist.is_initialized():

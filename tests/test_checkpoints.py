@@ -174,8 +174,29 @@ def test_a_run_a_signal_stops_saves_but_does_not_export(tmp_path: Path) -> None:
     process.send_signal(signal.SIGTERM)
     out, err = finish(process)
     assert process.returncode == 128 + signal.SIGTERM, err
-    assert "Not exported (--save-onnx, --plot-compute-graph): the run stopped before its end" in out, out
+    assert "Not exported (--save-onnx, --plot-compute-graph): stopped by SIGTERM" in out, out
     assert checkpoint.exists() and not onnx_file.exists()
+
+
+def test_a_signal_while_the_last_checkpoint_is_saved_is_named_as_why_nothing_is_exported(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Training had ended: "the run stopped before its end", as it said, was not so."""
+    pytest.importorskip("onnx")
+    checkpoint, onnx_file = tmp_path / "model.pt", tmp_path / "model.onnx"
+    argv = [*TINY, *CASES["cat-adagrad"], "--num-batches=2", "--save-model", str(checkpoint)]
+    save = dlrm_s_pytorch.Trainer.save
+
+    def save_with_a_sigterm(trainer):
+        os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler only records it
+        save(trainer)
+
+    monkeypatch.setattr(dlrm_s_pytorch.Trainer, "save", save_with_a_sigterm)
+    assert dlrm_s_pytorch.main([*argv, "--save-onnx", str(onnx_file)]) == 128 + signal.SIGTERM
+    out = capsys.readouterr().out
+    assert "Finished training it 2/2" in out and saved(checkpoint)["position"]["iteration"] == 2
+    assert out.endswith("Not exported (--save-onnx, --plot-compute-graph): stopped by SIGTERM\n")
+    assert not onnx_file.exists()
 
 
 def test_a_run_whose_output_reader_leaves_saves_and_stops_as_by_sigpipe(tmp_path: Path) -> None:
