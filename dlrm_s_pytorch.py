@@ -2106,10 +2106,15 @@ def remove_leftovers(args: argparse.Namespace, ranks: Ranks) -> None:
         data_utils.remove_leftovers_of(output.resolve())  # written where a link points
 
 
-def fail(code: int, message: str) -> int:
-    """One line on stderr; a distributed rank then leaves at once (the others see it gone)."""
-    print(f"dlrm_s_pytorch.py: error: {message}", file=sys.stderr)
+def fail(code: int, message: str, said_here: bool = True, together: bool = False) -> int:
+    """One line on stderr (unless not ``said_here``); a distributed rank then leaves at once (the others see it gone),
+    or, when every rank failed ``together``, after the others: the rank saying it is not stopped before it has."""
+    if said_here:
+        print(f"dlrm_s_pytorch.py: error: {message}", file=sys.stderr, flush=True)
     if dist.is_initialized():
+        if together:
+            with contextlib.suppress(dist.DistError, RuntimeError):
+                dist.barrier()
         leave_group(code)
     return code
 
@@ -2181,13 +2186,7 @@ def main(argv: list[str]) -> int:
     except (UsageError, DataError, CheckpointError) as e:
         return fail(2, first_line(e))
     except DivergedError as e:  # every rank finds it at once (its checks are all-reduced): one line, not one a rank
-        if ranks.rank == 0 or args.print_all_ranks:
-            print(f"dlrm_s_pytorch.py: error: {e}", file=sys.stderr, flush=True)
-        if dist.is_initialized():
-            with contextlib.suppress(dist.DistError, RuntimeError):
-                dist.barrier()  # rank 0 has said it before another rank's exit makes a launcher stop it
-            leave_group(1)
-        return 1
+        return fail(1, str(e), said_here=ranks.rank == 0 or args.print_all_ranks, together=True)
     except (dist.DistError, RuntimeError) as e:  # gloo reports a lost rank as a RuntimeError, in set-up or after
         if not dist.is_initialized():
             raise
