@@ -68,6 +68,9 @@ MAPPED_BYTES = 1 << 27  # what a lookup that is not kept mapped may map at a tim
 FAULT_AROUND_BYTES = 64 << 10  # the kernel maps up to this much around each page of a file read through a map
 GZIP_MAGIC = b"\x1f\x8b"  # the first bytes of every gzip file
 TEMPORARY_NAME = r"\.(?P<final>{final})\.(?P<pid>[0-9]+)\.[^.]+"  # what a process writes before the final file
+# The most bytes a temporary name adds to its file's: a pid of 7 digits (Linux's limit is 2**22) and tempfile's
+# 8 random characters, as the ONNX export's folder has them.
+TEMPORARY_NAME_EXTRA = len("..4194304.") + 8
 
 Batch = tuple[Tensor, list[Tensor], list[Tensor], Tensor]
 

@@ -494,8 +494,9 @@ def _check_rank_flags(args: argparse.Namespace, world_size: int, counted_by: str
             raise UsageError(f"{_flag_name(dest)}: needs one rank (distributed, each rank holds some tables)")
 
 
-def _check_writable(flag: str, path: str, folder: bool = False) -> None:
-    """An output file (or ``folder``) must be creatable: found out at the start, not after hours of training."""
+def _check_writable(flag: str, path: str, folder: bool = False, renamed: bool = True) -> None:
+    """An output file (or ``folder``) must be creatable: found out at the start, not after hours of training. A file
+    that is ``renamed`` into place is first written under a longer name (``data_utils.TEMPORARY_NAME``)."""
     _check_path_name(flag, path)
     target = Path(path)
     parent = next((p for p in [target.parent, *target.parent.parents] if p.exists()), Path("."))
@@ -509,8 +510,12 @@ def _check_writable(flag: str, path: str, folder: bool = False) -> None:
     ):
         raise UsageError(f"{flag} {path}: cannot be written there")
     missing = target.parts[len(parent.parts) :]  # the folders made for it, and its name
-    if any(len(os.fsencode(part)) > os.pathconf(parent, "PC_NAME_MAX") for part in missing):
+    longest = os.pathconf(parent, "PC_NAME_MAX")
+    if any(len(os.fsencode(part)) > longest for part in missing):
         raise UsageError(f"{flag} {path}: {os.strerror(errno.ENAMETOOLONG)}")
+    if renamed and not folder and len(os.fsencode(target.name)) + data_utils.TEMPORARY_NAME_EXTRA > longest:
+        raise UsageError(f"{flag} {path}: {os.strerror(errno.ENAMETOOLONG)} (it is written first as .NAME.PID.tmp, "
+                         f"which must fit in {longest} bytes)")  # fmt: skip
 
 
 def profile_stem(rank: int, world_size: int) -> str:
@@ -587,7 +592,7 @@ def _check_run_flags(args: argparse.Namespace) -> None:
     for dest in ("save_model", "metrics_file", "save_onnx"):
         path = getattr(args, dest)
         if path:
-            _check_writable(_flag_name(dest), path)
+            _check_writable(_flag_name(dest), path, renamed=dest != "metrics_file")  # metrics: appended line by line
     _check_rank_files(args, args.world_size)
     if args.load_model and not Path(args.load_model).exists():  # found out before the data is prepared
         raise UsageError(f"--load-model {args.load_model}: no such file")

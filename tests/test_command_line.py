@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT, finished_lines, run_script
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import data_utils
 import distributed_utils
 import dlrm_s_pytorch
 import habana_dlrm_ops
@@ -312,6 +313,20 @@ def test_an_output_name_too_long_in_a_missing_folder_stops_before_the_run(tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.endswith(f"{flag} new/{'n' * 300}: File name too long\n"), err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("flag", ["--save-model", "--save-onnx"])
+def test_an_output_whose_temporary_name_is_too_long_stops_before_the_run(tmp_path, monkeypatch, capsys, flag) -> None:
+    monkeypatch.chdir(tmp_path)
+    fits = "n" * (255 - data_utils.TEMPORARY_NAME_EXTRA)  # with the temporary name's pid and random part
+    assert dlrm_s_pytorch.main([*TINY, "--num-batches=1", flag, fits]) == 0
+    assert fits in os.listdir(tmp_path)
+    capsys.readouterr()
+    too_long = "n" * 250  # fits the file system, but not its temporary name
+    assert dlrm_s_pytorch.main([*TINY, flag, too_long]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith(f"dlrm_s_pytorch.py: error: {flag} {too_long}: File name too long")
+    assert "Finished training" not in out and too_long not in os.listdir(tmp_path), out
 
 
 def test_an_environment_variable_without_a_value_is_refused(tmp_path) -> None:
