@@ -2183,6 +2183,7 @@ def main(argv: list[str]) -> int:
         fp32_ops = "every other op" if args.hmp_opt_level == "O2" else ", ".join(sorted(FP32_OPS))
         print(f"bf16 ops: {', '.join(sorted(BF16_OPS))}; fp32 ops: {fp32_ops}")
 
+    trainer = None
     try:
         remove_leftovers(args, ranks)
         trainer = build(args, sizes, backend, ranks)
@@ -2196,6 +2197,11 @@ def main(argv: list[str]) -> int:
         if not dist.is_initialized():
             raise
         # the process group is broken: tearing it down could abort or hang
+        signum = trainer and trainer.stop_signal
+        if signum:  # the signal also reached a rank still setting up, and ended it there
+            name = signal.Signals(signum).name
+            return fail(128 + signum, f"rank {ranks.rank} stopped by {name} without saving: another rank had left "
+                                      f"({first_line(e)})")  # fmt: skip
         return fail(1, f"rank {ranks.rank} stopped: {first_line(e)}")
     if args.debug_mode:
         for name, weight in trainer.model.named_weights():

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -352,26 +353,55 @@ def test_a_ranks_checkpoint_that_cannot_be_written_stops_before_training(monkeyp
     assert out == "" and err == "dlrm_s_pytorch.py: error: --save-model m.pt.rank1: not a regular file\n"
 
 
-def test_a_rank_gone_at_the_last_barrier_is_one_line_and_exit_1(monkeypatch, capsys, tmp_path) -> None:
+@pytest.fixture
+def lone_rank(monkeypatch, tmp_path) -> Iterator[Callable[[list[str]], int]]:
+    """Run the script in this process as the only rank of a gloo group, in ``tmp_path``: its exit code."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(distributed_utils.free_port()))
 
-    def gone() -> None:
-        raise RuntimeError("Connection closed by peer")
-
     def leave(code: int) -> None:
         raise SystemExit(code)
 
-    monkeypatch.setattr(torch.distributed, "barrier", gone)  # as when another rank failed at its end
+    def run(flags: list[str]) -> int:
+        with pytest.raises(SystemExit) as stopped:
+            dlrm_s_pytorch.main([*TINY, "--arch-embedding-size=40-7", "--arch-mlp-top=12-6-1", "--distributed", *flags])
+        return stopped.value.code
+
     monkeypatch.setattr(dlrm_s_pytorch, "leave_group", leave)  # it would end pytest
     try:
-        with pytest.raises(SystemExit) as stopped:
-            dlrm_s_pytorch.main([*TINY, "--arch-embedding-size=40-7", "--arch-mlp-top=12-6-1", "--distributed"])
+        yield run
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_a_rank_gone_at_the_last_barrier_is_one_line_and_exit_1(monkeypatch, capsys, lone_rank) -> None:
+    def gone() -> None:
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(torch.distributed, "barrier", gone)  # as when another rank failed at its end
+    assert lone_rank([]) == 1
     err = capsys.readouterr().err
-    assert stopped.value.code == 1 and err == "dlrm_s_pytorch.py: error: rank 0 stopped: Connection closed by peer\n"
+    assert err == "dlrm_s_pytorch.py: error: rank 0 stopped: Connection closed by peer\n"
+
+
+def test_a_rank_gone_after_a_signal_stops_with_the_signals_exit_code(monkeypatch, capsys, tmp_path, lone_rank) -> None:
+    """A job's signal can reach one rank in the loop and another still setting up, which it ends there: the first
+    then finds it gone when the ranks agree to stop."""
+
+    def signalled_and_gone(*_: object, **__: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler takes it
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", signalled_and_gone)
+    code = lone_rank(["--save-model=m.pt"])
+    err = capsys.readouterr().err
+    assert code == 128 + signal.SIGTERM, err
+    assert (
+        err == "dlrm_s_pytorch.py: error: rank 0 stopped by SIGTERM without saving: another rank had left "
+        "(Connection closed by peer)\n"
+    )
+    assert not (tmp_path / "m.pt").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------
