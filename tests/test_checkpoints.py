@@ -26,6 +26,7 @@ TINY += ["--num-indices-per-lookup=6", "--learning-rate=0.05", "--arch-embedding
 CASES = {
     "dot-sgd": ["--arch-interaction-op=dot", "--arch-mlp-top=14-6-1", "--optimizer=sgd"],
     "cat-adagrad": ["--arch-mlp-top=20-6-1", "--optimizer=adagrad"],
+    "dot-adagrad-bf16": ["--arch-interaction-op=dot", "--arch-mlp-top=14-6-1", "--optimizer=adagrad", "-d", "bf16"],
 }
 
 
