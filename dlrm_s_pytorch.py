@@ -2164,7 +2164,7 @@ def main(argv: list[str]) -> int:
     except (DeviceUnavailable, UsageError, DataError, ValueError) as e:
         return fail(2, first_line(e))
     if ranks.rank != 0 and not args.print_all_ranks:
-        sys.stdout = open(os.devnull, "w")  # for the life of the process
+        sys.stdout = open(os.devnull, "w", errors="backslashreplace")  # for the life of the process
     if ranks.local_world_size > 1 and backend.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, data_utils.usable_cores() // ranks.local_world_size))  # share the cores
 
@@ -2257,6 +2257,7 @@ class UnfailingOutput:
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="backslashreplace")  # as stderr: a file name of bytes not in UTF-8 still prints
     sys.stdout = UnfailingOutput(sys.stdout)
     try:
         exit_code = main(sys.argv[1:])

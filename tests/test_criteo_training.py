@@ -3,7 +3,10 @@
 import gzip
 import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +185,19 @@ def test_gzip_compressed_raw_data_stops_with_one_line(tmp_path: Path) -> None:
     advice = f"gunzip -k {raw}, and name {tmp_path}/train.txt"
     assert result.returncode == 2, result.stderr
     assert result.stderr == f"dlrm_s_pytorch.py: error: {raw}: is gzip-compressed; decompress it first ({advice})\n"
+
+
+def test_a_data_folder_whose_name_is_not_utf8_trains_on_two_ranks_with_a_strict_stdout(tmp_path: Path) -> None:
+    """The lines naming the files print the folder's undecodable byte escaped, as stderr does: in a UTF-8 locale
+    (PYTHONIOENCODING stands for it) rank 0's stdout, and in every locale the other ranks' /dev/null, refused it."""
+    folder = tmp_path / os.fsdecode(b"criteo-\xff")
+    folder.mkdir()
+    raw = write_kaggle(folder, rows=7 * 128)
+    command = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *TINY, f"--raw-data-file={raw}", "--world_size=2"]
+    environment = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    result = subprocess.run(command, capture_output=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert b"Reading " + bytes(tmp_path) + b"/criteo-\\udcff/kaggleAdDisplayChallenge_processed.npz" in result.stdout
 
 
 @pytest.mark.parametrize("workers", [0, 1])
