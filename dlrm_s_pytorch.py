@@ -1242,8 +1242,11 @@ class MetricsLog:
     def __init__(self, path: str, tensorboard_dir: str, enabled: bool) -> None:
         self.path, self.file = path, None
         if path and enabled:  # in missing folders too, as --save-model; unbuffered: a failed write leaves nothing
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "ab", buffering=0)  # noqa: SIM115 (for the whole run)
+            try:  # the start-up check cannot see every refusal (root in /proc, an NFS server's root_squash)
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self.file = open(path, "ab", buffering=0)  # noqa: SIM115 (for the whole run)
+            except OSError as e:
+                raise UsageError(f"--metrics-file {path}: cannot write it ({e.strerror})") from None
         self.writer = None
         if tensorboard_dir and enabled:
             try:
@@ -1251,7 +1254,11 @@ class MetricsLog:
             except ImportError:
                 print("--tensorboard: the tensorboard package is not installed; metrics go to --metrics-file only")
             else:
-                self.writer = SummaryWriter(tensorboard_dir)
+                try:
+                    self.writer = SummaryWriter(tensorboard_dir)
+                except OSError as e:
+                    self.close()
+                    raise UsageError(f"--tensorboard {tensorboard_dir}: cannot write it ({e.strerror})") from None
 
     def write(self, record: dict) -> None:
         if self.file:

@@ -141,6 +141,22 @@ def test_a_model_onnxruntime_cannot_run_is_one_line_and_stays_written(
     assert [path.name for path in tmp_path.iterdir()] == ["m.onnx"]
 
 
+@pytest.mark.parametrize("flag", ["--metrics-file", "--tensorboard"])
+def test_an_output_the_start_up_check_let_through_but_that_cannot_be_made_is_one_line(
+    flag: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The check cannot see every refusal (root under /proc, an NFS server's root_squash): opening it was a
+    traceback."""
+    if flag == "--tensorboard":
+        pytest.importorskip("torch.utils.tensorboard")
+    monkeypatch.setattr(dlrm_s_pytorch, "_check_writable", lambda *args, **kwargs: None)  # as such a check passes
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "a-file" / "out"  # its folder is a file
+    assert dlrm_s_pytorch.main([*TINY, "--num-batches=1", f"{flag}={path}"]) == 2
+    said = rf"dlrm_s_pytorch\.py: error: {flag} {re.escape(str(path))}: cannot write it \([^\n]+\)\n"
+    assert re.fullmatch(said, capsys.readouterr().err)
+
+
 def test_outputs_in_missing_folders_make_them_as_the_checkpoint_does(tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     outputs = {"--save-model": "a/m.pt", "--metrics-file": "b/c/metrics.jsonl", "--save-onnx": "d/m.onnx"}
