@@ -1985,11 +1985,12 @@ def export(args: argparse.Namespace, trainer: Trainer) -> None:
     """``--save-onnx`` and ``--plot-compute-graph``, from one batch of the data. Not for a run a signal stopped:
     its network is not the trained one (unless the signal came while the last checkpoint was saved), and a
     scheduler's grace after SIGTERM is short."""
-    if not (args.save_onnx or args.plot_compute_graph):
+    outputs = {"--save-onnx": args.save_onnx, "--plot-compute-graph": args.plot_compute_graph}
+    asked = [flag for flag, given in outputs.items() if given]
+    if not asked:
         return
     if trainer.stop_signal:
-        name = signal.Signals(trainer.stop_signal).name
-        print(f"Not exported (--save-onnx, --plot-compute-graph): stopped by {name}")
+        print(f"Not exported ({', '.join(asked)}): stopped by {signal.Signals(trainer.stop_signal).name}")
         return
     loader = trainer.test_loader or trainer.train_loader
     batches = epoch_batches(loader, 0, 0, None)
