@@ -5,8 +5,6 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -193,11 +191,10 @@ def test_a_data_folder_whose_name_is_not_utf8_trains_on_two_ranks_with_a_strict_
     folder = tmp_path / os.fsdecode(b"criteo-\xff")
     folder.mkdir()
     raw = write_kaggle(folder, rows=7 * 128)
-    command = [sys.executable, str(ROOT / "dlrm_s_pytorch.py"), *TINY, f"--raw-data-file={raw}", "--world_size=2"]
     environment = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
-    result = subprocess.run(command, capture_output=True, env=environment, timeout=600)
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-    assert b"Reading " + bytes(tmp_path) + b"/criteo-\\udcff/kaggleAdDisplayChallenge_processed.npz" in result.stdout
+    result = run_script(*TINY, f"--raw-data-file={raw}", "--world_size=2", env=environment)
+    assert result.returncode == 0, result.stderr
+    assert f"Reading {tmp_path}/criteo-\\udcff/kaggleAdDisplayChallenge_processed.npz" in result.stdout
 
 
 @pytest.mark.parametrize("workers", [0, 1])
